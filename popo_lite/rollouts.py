@@ -1,0 +1,113 @@
+"""Sampling B prompts x G completions with Hugging Face `generate`, keeping token ids and masks."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Rollouts:
+    prompt_ids: torch.Tensor  # (B*G, P) left-padded, rows g*... grouped: rows i*G .. i*G+G-1 share prompt i
+    prompt_mask: torch.Tensor  # (B*G, P)
+    completion_ids: torch.Tensor  # (B*G, T) right-padded after the first EOS
+    completion_mask: torch.Tensor  # (B*G, T) 1 up to and including the first EOS
+    texts: list[str]  # (B*G,) decoded completions, special tokens dropped
+    group_size: int
+    seconds: float
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)  # (B*G, P + T)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return int(self.completion_mask.sum())
+
+
+def completion_mask_from(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
+    """1 for every token up to and including the first EOS of each row, 0 after it."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device))
+    eos_seen_before = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # (N, T)
+    return (~eos_seen_before).long()
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+@torch.no_grad()
+def generate_rollouts(
+    model,
+    tokenizer,
+    prompts: list[str],
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_prompt_tokens: int = 512,
+    batch_size: int | None = None,
+) -> Rollouts:
+    """Sample `group_size` completions for each prompt with the model's active adapter."""
+    start = time.perf_counter()
+    device = next(model.parameters()).device
+    encoded = tokenizer(
+        prompts,
+        return_tensors="pt",
+        padding=True,
+        truncation=True,
+        max_length=max_prompt_tokens,
+        add_special_tokens=False,
+    )
+    prompt_ids = encoded["input_ids"].repeat_interleave(group_size, dim=0).to(device)  # (B*G, P)
+    prompt_mask = encoded["attention_mask"].repeat_interleave(group_size, dim=0).to(device)
+    stop_ids = eos_ids(model, tokenizer)
+    was_training = model.training
+    model.eval()  # no dropout, and gradient checkpointing off: generation uses the KV cache
+    pieces = []
+    step = batch_size or prompt_ids.shape[0]
+    for first in range(0, prompt_ids.shape[0], step):
+        output = model.generate(
+            input_ids=prompt_ids[first : first + step],
+            attention_mask=prompt_mask[first : first + step],
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=0,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=stop_ids,
+            pad_token_id=tokenizer.pad_token_id,
+            use_cache=True,
+        )
+        pieces.append(output[:, prompt_ids.shape[1] :])
+    model.train(was_training)
+    width = max(piece.shape[1] for piece in pieces)
+    completion_ids = torch.cat(
+        [torch.nn.functional.pad(p, (0, width - p.shape[1]), value=tokenizer.pad_token_id) for p in pieces]
+    )  # (B*G, T)
+    completion_mask = completion_mask_from(completion_ids, stop_ids)
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
+    lengths = completion_mask.sum(1).tolist()
+    texts = tokenizer.batch_decode(
+        [row[:length].tolist() for row, length in zip(completion_ids, lengths, strict=True)],
+        skip_special_tokens=True,
+    )
+    return Rollouts(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        texts=texts,
+        group_size=group_size,
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,318 @@
+"""`train(config)`: the one training loop; the CLI, the web panel and notebooks are shells over it.
+
+Each step reads like the algorithm (POPO_SPEC.md section 1):
+    rollout -> score -> weights + loss (updates.py) -> optimizer step -> EMA update -> log
+and yields one record (a flat dict of numbers) that is also appended to `metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import resource
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from popo_lite.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from popo_lite.config import Config, ConfigError
+from popo_lite.data import Problem, format_prompt, load_problems
+from popo_lite.model import EMA, POLICY, load_policy
+from popo_lite.rewards import score
+from popo_lite.rollouts import Rollouts, generate_rollouts
+from popo_lite.siamese import Predictor, ema_reset, ema_update
+from popo_lite.updates import NonFiniteLoss, grpo_update, kl_policy_ema, popo_update
+
+
+class PromptSampler:
+    """Endless epochs of shuffled problem indices; its position is part of every checkpoint."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch, self.offset = size, seed, 0, 0
+
+    def _order(self) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.size, generator=generator).tolist()
+
+    def take(self, count: int) -> list[int]:
+        chosen: list[int] = []
+        while len(chosen) < count:
+            piece = self._order()[self.offset : self.offset + count - len(chosen)]
+            chosen += piece
+            self.offset += len(piece)
+            if self.offset >= self.size:
+                self.epoch, self.offset = self.epoch + 1, 0
+        return chosen
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.offset = state["epoch"], state["offset"]
+
+
+def run_directory(config: Config, resume: bool) -> Path:
+    """Create (or, on resume, find) the run directory and write the resolved config into it."""
+    root = Path(config.output_dir)
+    name = config.run_name or f"{config.algo}-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir = root / name
+    if resume:
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume: no run to resume at {run_dir} (give --run_name of an existing run)")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"run directory {run_dir} already holds a run: use --resume or another --run_name")
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    config.save(run_dir / "config.yaml")
+    return run_dir
+
+
+def peak_memory_gib(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "gpu"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "rss"  # ru_maxrss is KiB on Linux
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drop records after `last_step`, so a resumed run's logs match an uninterrupted run's."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def lr_lambda(config: Config):
+    warmup = int(config.warmup_ratio * config.steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if config.lr_schedule == "cosine":
+            progress = (step - warmup) / max(1, config.steps - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return factor
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def score_rollouts(rollouts: Rollouts, batch: list[Problem]) -> tuple[torch.Tensor, list[str | None]]:
+    """Binary rewards (B, G) from math-verify, and each completion's extracted answer."""
+    group = rollouts.group_size
+    scored = [score(text, batch[i // group].answer) for i, text in enumerate(rollouts.texts)]
+    rewards = torch.tensor([reward for reward, _ in scored], dtype=torch.float32).view(len(batch), group)
+    return rewards, [extracted for _, extracted in scored]
+
+
+@dataclass
+class Session:
+    """Everything a run holds between steps; `prepare` builds it, `run` advances it."""
+
+    config: Config
+    run_dir: Path
+    problems: list[Problem]
+    model: object
+    tokenizer: object
+    device: torch.device
+    predictor: Predictor | None
+    trainable: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    sampler: PromptSampler
+    noise_generator: torch.Generator
+    step: int = 0
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return (POLICY, EMA) if self.predictor is not None else (POLICY,)
+
+
+def prepare(config: Config, resume: bool = False) -> Session:
+    """Check the data, create the run directory, load the model, restore the last checkpoint on resume."""
+    problems = load_problems(
+        config.dataset,
+        problem_field=config.problem_field,
+        answer_field=config.answer_field,
+        split=config.dataset_split,
+        levels=tuple(config.levels) if config.levels else None,
+    )  # before the model: a bad dataset fails in seconds, not after a long load
+    if len(problems) < config.prompts_per_step:
+        raise ConfigError(
+            f"dataset {config.dataset!r} has {len(problems)} problems, fewer than "
+            f"prompts_per_step={config.prompts_per_step}"
+        )
+    run_dir = run_directory(config, resume)
+    seed_everything(config.seed)
+    model, tokenizer, device = load_policy(config)
+    ema_reset(model)
+    predictor = None
+    if config.algo == "popo":
+        predictor = Predictor(model.get_base_model().config.hidden_size, config.predictor_dim).to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable += list(predictor.parameters()) if predictor is not None else []
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    session = Session(
+        config=config,
+        run_dir=run_dir,
+        problems=problems,
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        predictor=predictor,
+        trainable=trainable,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config)),
+        sampler=PromptSampler(len(problems), config.seed),
+        noise_generator=torch.Generator().manual_seed(config.seed),
+    )
+    if resume and (last := latest_checkpoint(run_dir / "checkpoints")) is not None:
+        state = load_checkpoint(last, model, predictor, optimizer, session.scheduler, session.adapters)
+        session.step = state["step"]
+        session.sampler.load_state_dict(state["sampler"])
+        session.noise_generator.set_state(state["noise_generator"])
+    for name in ("metrics.jsonl", "rollouts.jsonl"):
+        truncate_jsonl(run_dir / name, session.step)
+    return session
+
+
+def train(config: Config, resume: bool = False) -> Iterator[dict]:
+    """Train the LoRA policy with POPO or GRPO; yield one record per optimizer step."""
+    yield from run(prepare(config, resume))
+
+
+def run(session: Session) -> Iterator[dict]:
+    """Advance `session` to `config.steps`, one optimizer step (and one yielded record) at a time."""
+    config, model, tokenizer = session.config, session.model, session.tokenizer
+    predictor, optimizer, scheduler = session.predictor, session.optimizer, session.scheduler
+    run_dir, popo = session.run_dir, config.algo == "popo"
+    while session.step < config.steps:
+        session.step += 1
+        step = session.step
+        started = time.perf_counter()
+        batch = [session.problems[i] for i in session.sampler.take(config.prompts_per_step)]
+        prompts = [format_prompt(p.problem, config.prompt_template, tokenizer) for p in batch]
+        rollouts = generate_rollouts(
+            model,
+            tokenizer,
+            prompts,
+            config.rollouts_per_prompt,
+            config.max_new_tokens,
+            config.temperature,
+            config.top_p,
+            config.max_prompt_tokens,
+            config.generation_batch_size,
+        )
+        reward_started = time.perf_counter()
+        rewards, extracted = score_rollouts(rollouts, batch)
+        update_started = time.perf_counter()
+        record: dict = {"step": step, "algo": config.algo}
+        try:
+            if popo:
+                metrics, weights = popo_update(
+                    model, predictor, rollouts, rewards, config, session.noise_generator
+                )
+            else:
+                metrics, weights = grpo_update(model, rollouts, rewards, config)
+            grad_norm = torch.nn.utils.clip_grad_norm_(session.trainable, config.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                raise NonFiniteLoss(f"gradient norm is {float(grad_norm)}")
+            optimizer.step()
+            record["grad_norm"] = float(grad_norm)
+        except NonFiniteLoss as error:
+            # Nothing of this step reaches the adapter, the EMA or a checkpoint.
+            metrics, weights = {"skipped": 1.0}, torch.zeros(rewards.numel())
+            record["warning"] = f"step skipped: {error}"
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        if popo and "skipped" not in metrics:
+            ema_update(model, config.tau)
+        update_seconds = time.perf_counter() - update_started
+        if popo and config.kl_every and step % config.kl_every == 0:
+            record["kl_policy_ema"] = kl_policy_ema(model, rollouts, config)
+
+        lengths = rollouts.completion_mask.sum(1).float()
+        positive = rewards > config.reward_threshold
+        train_tokens = int(rollouts.attention_mask.sum())
+        memory, memory_kind = peak_memory_gib(session.device)
+        if not positive.any():
+            record["warning"] = "no positive rollout in this step: POPO has nothing to learn from"
+        record.update(
+            {
+                "reward_mean": float(rewards.mean()),
+                "positive_rate": float(positive.float().mean()),
+                "groups_with_positive": float(positive.any(1).float().mean()),
+                **{key: value for key, value in metrics.items()},
+                "lr": scheduler.get_last_lr()[0],
+                "completion_length": float(lengths.mean()),
+                "generation_tokens_per_s": rollouts.num_completion_tokens / max(rollouts.seconds, 1e-9),
+                "train_tokens_per_s": train_tokens / max(update_seconds, 1e-9),
+                "seconds_generate": rollouts.seconds,
+                "seconds_reward": update_started - reward_started,
+                "seconds_update": update_seconds,
+                "seconds_step": time.perf_counter() - started,
+                f"peak_memory_gib_{memory_kind}": memory,
+            }
+        )
+        if popo and positive.any():
+            positive_weights = weights.cpu()[positive.flatten()]
+            record.update(weight_max=float(positive_weights.max()), weight_min=float(positive_weights.min()))
+        with open(run_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if config.log_rollouts:
+            write_rollouts(
+                run_dir / "rollouts.jsonl", step, batch, prompts, rollouts, rewards, weights, extracted
+            )
+        if step == config.steps or (config.save_every and step % config.save_every == 0):
+            extra = {
+                "sampler": session.sampler.state_dict(),
+                "noise_generator": session.noise_generator.get_state(),
+            }
+            saved = save_checkpoint(
+                run_dir / "checkpoints", step, model, predictor, optimizer, scheduler, extra, session.adapters
+            )
+            record["checkpoint"] = str(saved)
+        record["run_dir"] = str(run_dir)
+        yield record
+
+
+def write_rollouts(
+    path: Path,
+    step: int,
+    batch: list[Problem],
+    prompts: list[str],
+    rollouts: Rollouts,
+    rewards: torch.Tensor,
+    weights: torch.Tensor,
+    extracted: list[str | None],
+) -> None:
+    group = rollouts.group_size
+    flat_rewards, flat_weights = rewards.flatten().tolist(), weights.detach().cpu().flatten().tolist()
+    with open(path, "a") as handle:
+        for i, text in enumerate(rollouts.texts):
+            problem = batch[i // group]
+            handle.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "group": i // group,
+                        "problem_id": problem.id,
+                        "prompt": prompts[i // group],
+                        "completion": text,
+                        "reward": flat_rewards[i],
+                        "weight": flat_weights[i],
+                        "extracted": extracted[i],
+                        "gold": problem.answer,
+                    }
+                )
+                + "\n"
+            )
