@@ -1,0 +1,285 @@
+"""Math problems with normalised gold answers, and the prompt templates that frame them.
+
+Why the care over gold answers: the reward is binary math-verify equality, so every benchmark's own
+answer format (GSM8K's `#### 72`, AIME 2024's `"025"`, AMC's `27.0`, OlympiadBench's `["$x$"]`, MATH's
+last `\\boxed{}`) must be normalised once, here, or correct rollouts score 0. The bundled files live in
+`popo_lite/datasets/` (sources, licenses and checksums in its SOURCES.md) and load lazily, per set.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from popo_lite.rewards import last_boxed
+
+DATA_DIR = Path(__file__).parent / "datasets"
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    problem: str  # the question text, never the solution
+    answer: str  # normalised gold answer string for math-verify
+    source: str  # dataset name or path
+    level: int | None = None
+
+
+# ---- gold-answer normalisation, one function per format ---------------------------------------------
+
+
+def _after_hashes(solution: str) -> str:
+    """GSM8K: the number after `####`, without thousands commas."""
+    return solution.split("####")[-1].strip().replace(",", "")
+
+
+def _strip_zeros(answer: str) -> str:
+    """AIME 2024 pads to three digits ("025"); math-verify would still match, but logs should read 25."""
+    return answer.strip().lstrip("0") or "0"
+
+
+def _number(value: float | int) -> str:
+    """AMC 2023 stores floats: 27.0 -> "27"; a non-integer stays as written."""
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def _dollar_list(values: Iterable[str]) -> str:
+    """OlympiadBench `["$69$,$84$"]` -> "69, 84": strip the `$` delimiters, join multiple answers."""
+    parts = [part.strip().strip("$").strip() for value in values for part in re.split(r"\$\s*,\s*\$", value)]
+    return ", ".join(part for part in parts if part)
+
+
+def _boxed_solution(solution: str) -> str:
+    """MATH train / Minerva: the last `\\boxed{}` (or brace-less `\\boxed 2`) of the worked solution."""
+    answer = last_boxed(solution)
+    if answer is None:
+        raise ValueError("solution has no \\boxed{} answer")
+    return answer
+
+
+def _math_level(level: Any) -> int | None:
+    """"Level 3" -> 3, 3 -> 3, 3.0 -> 3; "Level ?" and DeepScaleR's 0.0 -> None."""
+    match = re.search(r"\d+", str(level)) if level is not None else None
+    return int(match.group(0)) or None if match else None
+
+
+def generic_answer(value: Any, field: str = "answer") -> str:
+    """Best-effort gold answer from a user's dataset: numbers, lists, `####` and boxed solutions."""
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"gold answer {value!r} is not an answer")
+    if isinstance(value, (int, float)):
+        return _number(value)
+    if isinstance(value, (list, tuple)):
+        return _dollar_list(str(item) for item in value)
+    text = str(value).strip()
+    if "####" in text:
+        return _after_hashes(text)
+    if field == "solution" or "\\boxed" in text:
+        return _boxed_solution(text)
+    return text.strip("$").strip()
+
+
+# ---- bundled sets ---------------------------------------------------------------------------------
+
+Row = dict[str, Any]
+
+
+class Bundled(NamedTuple):
+    path: str | None  # relative to DATA_DIR; None for the synthetic set
+    to_problem: Callable[[Row, int, str], Problem]
+
+
+def _row_id(row: Row, index: int, *keys: str) -> str:
+    return next((str(row[key]) for key in keys if row.get(key) is not None), str(index))
+
+
+BUNDLED: dict[str, Bundled] = {
+    "gsm8k": Bundled("gsm8k/train.jsonl", lambda r, i, s: Problem(f"{s}/{i}", r["question"], _after_hashes(r["answer"]), s)),
+    "gsm8k_test": Bundled("gsm8k/test.jsonl", lambda r, i, s: Problem(f"{s}/{i}", r["question"], _after_hashes(r["answer"]), s)),
+    "math_train": Bundled(
+        "math_train/train.jsonl",
+        lambda r, i, s: Problem(r["unique_id"], r["problem"], _boxed_solution(r["solution"]), s, _math_level(r["level"])),
+    ),
+    "deepscaler_math": Bundled(
+        "math_train_deepscaler/math.json",
+        lambda r, i, s: Problem(f"{s}/{i}", r["problem"], r["answer"].strip(), s, _math_level(r["difficulty"])),
+    ),
+    "math500": Bundled(
+        "math500/test.jsonl",
+        lambda r, i, s: Problem(r["unique_id"], r["problem"], r["answer"].strip(), s, _math_level(r["level"])),
+    ),
+    "aime24": Bundled("aime24/test.jsonl", lambda r, i, s: Problem(f"{s}/{r['id']}", r["problem"], _strip_zeros(r["answer"]), s)),
+    "aime25": Bundled("aime25/test.jsonl", lambda r, i, s: Problem(f"{s}/{r['id']}", r["problem"], str(r["answer"]), s)),
+    "amc23": Bundled("amc23/test.jsonl", lambda r, i, s: Problem(f"{s}/{r['id']}", r["problem"], _number(r["answer"]), s)),
+    "minerva_math": Bundled(
+        "minerva_math/test.jsonl",
+        lambda r, i, s: Problem(f"{s}/{_row_id(r, i, 'idx')}", r["problem"], _boxed_solution(r["solution"]), s),
+    ),
+    "olympiadbench": Bundled(
+        "olympiadbench/test.jsonl",
+        lambda r, i, s: Problem(f"{s}/{r['id']}", r["question"], _dollar_list(r["final_answer"]), s),
+    ),
+    "arithmetic": Bundled(None, lambda r, i, s: Problem(f"{s}/{i}", r["problem"], r["answer"], s)),
+}  # fmt: skip
+EVAL_BENCHMARKS = ("aime24", "aime25", "amc23", "math500", "minerva_math", "olympiadbench", "gsm8k_test")
+
+
+def arithmetic_rows(split: str = "train", seed: int = 1234) -> list[Row]:
+    """Synthetic "What is a + b?" (a in 10..99, b in 1..9) for the embedded tiny model, which learns it
+    within a dozen steps (MEASURED.md section 3). 200 of the 810 (a, b) pairs are held out for
+    split="test"; train draws 5,000 problems, with repeats, from the other 610. Deterministic."""
+    pairs = [(a, b) for a in range(10, 100) for b in range(1, 10)]
+    rng = random.Random(seed)
+    rng.shuffle(pairs)
+    if split == "test":
+        chosen = pairs[:200]
+    elif split == "train":
+        chosen = [rng.choice(pairs[200:]) for _ in range(5000)]
+    else:
+        raise ValueError(f"arithmetic has splits 'train' and 'test', not {split!r}")
+    return [{"problem": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in chosen]
+
+
+# ---- reading files --------------------------------------------------------------------------------
+
+
+def _read_rows(path: Path) -> list[Row]:
+    """Rows of a .jsonl, .json (array of objects) or .parquet file."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with path.open(encoding="utf-8") as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+    if suffix == ".json":
+        text = path.read_text(encoding="utf-8")
+        rows = json.loads(text) if text.strip() else []
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: expected a JSON array of objects, got {type(rows).__name__}")
+        return rows
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq  # installed with `datasets`; imported only when needed
+
+        return pq.read_table(path).to_pylist()
+    raise ValueError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
+
+
+def _pick_field(rows: list[Row], given: str | None, defaults: tuple[str, ...], role: str, where: str) -> str:
+    keys = sorted(rows[0].keys())
+    if given is not None:
+        if given not in rows[0]:
+            raise ValueError(f"{role} field {given!r} not found in {where}; keys found: {keys}")
+        return given
+    for name in defaults:
+        if name in rows[0]:
+            return name
+    raise ValueError(
+        f"no {role} field in {where}: looked for {list(defaults)}; keys found: {keys}. "
+        f"Pass {role}_field=... to name it."
+    )
+
+
+def _generic_problems(rows: list[Row], source: str, problem_field: str | None, answer_field: str | None) -> list[Problem]:
+    problem_key = _pick_field(rows, problem_field, ("problem", "question", "prompt"), "problem", source)
+    answer_key = _pick_field(rows, answer_field, ("answer", "final_answer", "solution"), "answer", source)
+    problems = []
+    for index, row in enumerate(rows):
+        if problem_key not in row or answer_key not in row:
+            missing = problem_key if problem_key not in row else answer_key
+            raise ValueError(f"{source}: row {index} has no field {missing!r}; keys found: {sorted(row)}")
+        try:
+            answer = generic_answer(row[answer_key], answer_key)
+        except ValueError as error:
+            raise ValueError(f"{source}: row {index}, field {answer_key!r}: {error}") from error
+        level = _math_level(row["level"]) if row.get("level") is not None else None
+        problems.append(Problem(_row_id(row, index, "id", "unique_id"), str(row[problem_key]), answer, source, level))
+    return problems
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.lower().endswith((".jsonl", ".json", ".parquet")) or source.startswith((".", "/", "~"))
+
+
+def load_problems(
+    source: str,
+    *,
+    problem_field: str | None = None,
+    answer_field: str | None = None,
+    split: str = "train",
+    levels: tuple[int, ...] | None = None,
+    limit: int | None = None,
+) -> list[Problem]:
+    """Problems from a bundled name (see BUNDLED), a local .jsonl/.json/.parquet file or a Hub dataset id.
+
+    `split` selects the split of a Hub dataset and of "arithmetic"; "gsm8k" with split="test" is
+    "gsm8k_test"; the other bundled sets are single files and ignore it. `levels` keeps only those
+    MATH levels (problems without a level are dropped); `limit` keeps the first N after filtering.
+    """
+    if source == "gsm8k" and split == "test":
+        source = "gsm8k_test"
+    if source in BUNDLED:
+        entry = BUNDLED[source]
+        rows = arithmetic_rows(split) if entry.path is None else _read_rows(DATA_DIR / entry.path)
+        problems = [entry.to_problem(row, index, source) for index, row in enumerate(rows)]
+    else:
+        path = Path(source).expanduser()
+        if path.is_file():
+            rows = _read_rows(path)
+        elif _looks_like_path(source) or path.exists():
+            raise FileNotFoundError(f"dataset file not found: {source}")
+        elif "/" in source:
+            rows = _load_hub(source, split)
+        else:
+            raise ValueError(
+                f"unknown dataset {source!r}: not a bundled name ({', '.join(BUNDLED)}), "
+                "not an existing file, and not a Hub id (owner/name)"
+            )
+        if not rows:
+            raise ValueError(f"dataset {source!r} is empty: no rows to train or evaluate on")
+        problems = _generic_problems(rows, source, problem_field, answer_field)
+    if levels is not None:
+        problems = [problem for problem in problems if problem.level in set(levels)]
+        if not problems:
+            raise ValueError(f"no problem of {source!r} has a level in {tuple(levels)} (does it have levels?)")
+    return problems[:limit] if limit is not None else problems
+
+
+def _load_hub(dataset_id: str, split: str) -> list[Row]:
+    """A Hub dataset (needs network access); `datasets` is imported only on this path because it is slow."""
+    from datasets import load_dataset
+
+    return list(load_dataset(dataset_id, split=split))
+
+
+# ---- prompts --------------------------------------------------------------------------------------
+
+SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+TEMPLATES = ("qwen_math", "chat", "plain")
+
+
+def format_prompt(problem: str, template: str, tokenizer: Any = None) -> str:
+    """The prompt text for one problem.
+
+    "qwen_math" is the ChatML prompt of the paper's runs (POPO_SPEC.md section 3), right for the
+    Qwen2.5-Math models; "chat" uses the tokenizer's own chat template (instruct models); "plain" is for
+    base models without one. All ask for `\\boxed{}`, which the reward reads first.
+    """
+    if template == "qwen_math":
+        return (
+            f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n"
+            f"<|im_start|>user\n{problem}<|im_end|>\n<|im_start|>assistant\n"
+        )
+    if template == "plain":
+        return f"Question: {problem}\nPut the final answer in \\boxed{{}}.\nAnswer:"
+    if template == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                "prompt template 'chat' needs a tokenizer with a chat template, and this one has none; "
+                "use template 'plain' (base models) or 'qwen_math' (Qwen ChatML) instead"
+            )
+        messages = [{"role": "user", "content": problem + " Put the final answer in \\boxed{}."}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    raise ValueError(f"unknown prompt template {template!r}; choose one of {', '.join(TEMPLATES)}")

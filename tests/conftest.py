@@ -1,0 +1,78 @@
+"""Tiny fakes built inside the tests: a 2-layer Llama and a digit-level tokenizer, saved to a folder.
+
+The tokenizer knows only digits and a few specials (every other character is <unk>), so a random
+model's one- or two-token completions are digit strings that are right about 1 time in 12: enough
+real reward signal for end-to-end runs, with no download.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from popo_lite.config import Config
+
+SPECIALS = ["<pad>", "<eos>", "<unk>"]
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {token: i for i, token in enumerate([*SPECIALS, *"0123456789"])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
+                                   unk_token="<unk>")
+
+
+def build_model_folder(folder: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_model_folder(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def digit_problems(tmp_path_factory) -> Path:
+    """A local jsonl of one-digit sums, in a custom field layout (exercises problem/answer_field)."""
+    path = tmp_path_factory.mktemp("data") / "sums.jsonl"
+    rows = [{"q": f"What is {a} + {b}?", "gold": str(a + b)} for a in range(5) for b in range(5) if a + b < 10]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture
+def tiny_config(tiny_model_dir, digit_problems, tmp_path):
+    """A factory of CPU-fast configs on the tiny model; keyword arguments override fields."""
+
+    def make(**overrides) -> Config:
+        values = dict(
+            model=str(tiny_model_dir), dataset=str(digit_problems), problem_field="q", answer_field="gold",
+            prompt_template="plain", prompts_per_step=4, rollouts_per_prompt=4, max_new_tokens=2,
+            temperature=1.0, steps=2, learning_rate=1e-2, micro_batch_size=8, predictor_dim=16, kl_every=1,
+            lora_rank=4, lora_alpha=8, output_dir=str(tmp_path / "runs"), run_name="test", seed=0,
+            gradient_checkpointing=True,
+        )
+        values.update(overrides)
+        return Config(**values)
+
+    return make

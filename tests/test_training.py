@@ -1,0 +1,103 @@
+"""End to end on a tiny model built in the test: POPO (plain and 4-bit), GRPO, resume, run directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from peft.utils import load_peft_weights
+
+from popo_lite.model import EMA, POLICY
+from popo_lite.siamese import adapter_pairs
+from popo_lite.trainer import prepare, run, train
+
+
+def _base_state(model) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in model.get_base_model().state_dict().items()
+            if "lora_" not in name}
+
+
+def _adapter_state(model) -> list[torch.Tensor]:
+    return [policy.detach().clone() for policy, _ in adapter_pairs(model)]
+
+
+def _lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("qlora", [False, True], ids=["lora", "qlora"])
+def test_popo_trains_adapter_keeps_base_and_moves_ema_by_the_law(tiny_config, qlora):
+    config = tiny_config(qlora=qlora, steps=3, save_every=1, tau=0.5)
+    session = prepare(config)
+    model = session.model
+    if qlora:
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    base_before, policy_before = _base_state(model), _adapter_state(model)
+    records = list(run(session))
+
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert sum(r["positive_rate"] for r in records) > 0, "the tiny model should hit some one-digit answers"
+    for key in ("reward_mean", "positive_rate", "groups_with_positive", "nll", "sim", "entropy", "loss",
+                "cosine_policy_ema", "kl_policy_ema", "completion_length", "generation_tokens_per_s",
+                "train_tokens_per_s", "seconds_generate", "seconds_update", "weight_max", "grad_norm"):
+        assert any(key in r for r in records), key
+    for name, tensor in _base_state(model).items():
+        assert torch.equal(tensor, base_before[name]), f"base tensor {name} changed"
+    changed = [not torch.equal(a, b) for a, b in zip(_adapter_state(model), policy_before, strict=True)]
+    assert any(changed), "the policy adapter did not change"
+
+    # EMA law between consecutive checkpoints: xi_k = tau * xi_{k-1} + (1 - tau) * theta_k
+    checkpoints = session.run_dir / "checkpoints"
+    for step in (2, 3):
+        before = load_peft_weights(str(checkpoints / f"step-{step - 1:06d}" / EMA))
+        policy = load_peft_weights(str(checkpoints / f"step-{step:06d}" / POLICY))
+        after = load_peft_weights(str(checkpoints / f"step-{step:06d}" / EMA))
+        assert before.keys() == after.keys() == policy.keys()
+        for key in after:
+            torch.testing.assert_close(after[key], 0.5 * before[key] + 0.5 * policy[key], rtol=0, atol=1e-6)
+
+    rollouts = _lines(session.run_dir / "rollouts.jsonl")
+    assert len(rollouts) == 3 * 16
+    assert set(rollouts[0]) >= {"prompt", "completion", "reward", "weight", "group", "step", "gold"}
+    for row in rollouts:
+        assert (row["weight"] > 0) == (row["reward"] > 0)  # only positives carry weight
+    assert len(_lines(session.run_dir / "metrics.jsonl")) == 3
+    assert (session.run_dir / "config.yaml").is_file()
+
+
+def test_grpo_trains_adapter_end_to_end(tiny_config):
+    config = tiny_config(algo="grpo", steps=2)
+    session = prepare(config)
+    before = _adapter_state(session.model)
+    records = list(run(session))
+    assert [r["step"] for r in records] == [1, 2]
+    assert all("pg" in r and "kl" in r for r in records if "skipped" not in r)
+    assert any(not torch.equal(a, b) for a, b in zip(_adapter_state(session.model), before, strict=True))
+    final = session.run_dir / "checkpoints" / "step-000002"
+    assert (final / POLICY / "adapter_config.json").is_file()
+    assert not (final / EMA).exists() and not (final / "predictor.pt").exists()
+
+
+def test_resumed_run_continues_like_an_uninterrupted_one(tiny_config):
+    full = [r for r in train(tiny_config(steps=3, run_name="full", save_every=1))]
+    list(train(tiny_config(steps=2, run_name="cut", save_every=1)))
+    resumed = list(train(tiny_config(steps=3, run_name="cut", save_every=1), resume=True))
+    assert [r["step"] for r in resumed] == [3]
+    for key in ("reward_mean", "loss", "nll", "entropy", "grad_norm"):
+        assert resumed[0].get(key) == pytest.approx(full[2].get(key), rel=1e-5, abs=1e-7), key
+    metrics = _lines(Path(resumed[0]["run_dir"]) / "metrics.jsonl")
+    assert [r["step"] for r in metrics] == [1, 2, 3]
+
+
+def test_exported_ema_adapter_loads_as_a_plain_peft_adapter(tiny_config, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    records = list(train(tiny_config(steps=1)))
+    ema_dir = records[-1]["checkpoint"] + f"/{EMA}"
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), ema_dir)
+    logits = model(input_ids=torch.tensor([[3, 4, 5]])).logits
+    assert torch.isfinite(logits).all()
