@@ -9,6 +9,7 @@ last `\\boxed{}`) must be normalised once, here, or correct rollouts score 0. Th
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 from collections.abc import Callable, Iterable
@@ -18,11 +19,14 @@ from typing import Any, NamedTuple
 
 from popo_lite.rewards import last_boxed
 
+logger = logging.getLogger(__name__)
 DATA_DIR = Path(__file__).parent / "datasets"
 
 
 @dataclass(frozen=True)
 class Problem:
+    """One training or evaluation item; `answer` is already normalised, so the reward compares as is."""
+
     id: str
     problem: str  # the question text, never the solution
     answer: str  # normalised gold answer string for math-verify
@@ -55,22 +59,22 @@ def _dollar_list(values: Iterable[str]) -> str:
 
 
 def _boxed_solution(solution: str) -> str:
-    """MATH train / Minerva: the last `\\boxed{}` (or brace-less `\\boxed 2`) of the worked solution."""
-    answer = last_boxed(solution)
-    if answer is None:
-        raise ValueError("solution has no \\boxed{} answer")
-    return answer
+    """MATH train / Minerva: the last non-empty `\\boxed{}` (or brace-less `\\boxed 2`) of the worked
+    solution; "" when there is none (2 MATH train solutions box nothing), and such rows are dropped."""
+    return last_boxed(solution) or ""
 
 
 def _math_level(level: Any) -> int | None:
-    """"Level 3" -> 3, 3 -> 3, 3.0 -> 3; "Level ?" and DeepScaleR's 0.0 -> None."""
+    """ "Level 3" -> 3, 3 -> 3, 3.0 -> 3; "Level ?" and DeepScaleR's 0.0 -> None."""
     match = re.search(r"\d+", str(level)) if level is not None else None
-    return int(match.group(0)) or None if match else None
+    return (int(match.group(0)) or None) if match else None
 
 
 def generic_answer(value: Any, field: str = "answer") -> str:
     """Best-effort gold answer from a user's dataset: numbers, lists, `####` and boxed solutions."""
-    if isinstance(value, bool) or value is None:
+    if value is None:
+        return ""  # dropped by load_problems, with a warning
+    if isinstance(value, bool):
         raise ValueError(f"gold answer {value!r} is not an answer")
     if isinstance(value, (int, float)):
         return _number(value)
@@ -98,34 +102,63 @@ def _row_id(row: Row, index: int, *keys: str) -> str:
     return next((str(row[key]) for key in keys if row.get(key) is not None), str(index))
 
 
+def _gsm8k(row: Row, index: int, source: str) -> Problem:
+    return Problem(f"{source}/{index}", row["question"], _after_hashes(row["answer"]), source)
+
+
+def _math_solution(row: Row, index: int, source: str) -> Problem:
+    level = _math_level(row["level"])
+    return Problem(row["unique_id"], row["problem"], _boxed_solution(row["solution"]), source, level)
+
+
+def _deepscaler(row: Row, index: int, source: str) -> Problem:
+    level = _math_level(row["difficulty"])
+    return Problem(f"{source}/{index}", row["problem"], (row["answer"] or "").strip(), source, level)
+
+
+def _math500(row: Row, index: int, source: str) -> Problem:
+    level = _math_level(row["level"])
+    return Problem(row["unique_id"], row["problem"], row["answer"].strip(), source, level)
+
+
+def _aime24(row: Row, index: int, source: str) -> Problem:
+    return Problem(f"{source}/{row['id']}", row["problem"], _strip_zeros(row["answer"]), source)
+
+
+def _aime25(row: Row, index: int, source: str) -> Problem:
+    return Problem(f"{source}/{row['id']}", row["problem"], str(row["answer"]), source)
+
+
+def _amc23(row: Row, index: int, source: str) -> Problem:
+    return Problem(f"{source}/{row['id']}", row["problem"], _number(row["answer"]), source)
+
+
+def _minerva(row: Row, index: int, source: str) -> Problem:
+    problem_id = f"{source}/{_row_id(row, index, 'idx')}"
+    return Problem(problem_id, row["problem"], _boxed_solution(row["solution"]), source)
+
+
+def _olympiadbench(row: Row, index: int, source: str) -> Problem:
+    return Problem(f"{source}/{row['id']}", row["question"], _dollar_list(row["final_answer"]), source)
+
+
+def _arithmetic(row: Row, index: int, source: str) -> Problem:
+    return Problem(f"{source}/{index}", row["problem"], row["answer"], source)
+
+
 BUNDLED: dict[str, Bundled] = {
-    "gsm8k": Bundled("gsm8k/train.jsonl", lambda r, i, s: Problem(f"{s}/{i}", r["question"], _after_hashes(r["answer"]), s)),
-    "gsm8k_test": Bundled("gsm8k/test.jsonl", lambda r, i, s: Problem(f"{s}/{i}", r["question"], _after_hashes(r["answer"]), s)),
-    "math_train": Bundled(
-        "math_train/train.jsonl",
-        lambda r, i, s: Problem(r["unique_id"], r["problem"], _boxed_solution(r["solution"]), s, _math_level(r["level"])),
-    ),
-    "deepscaler_math": Bundled(
-        "math_train_deepscaler/math.json",
-        lambda r, i, s: Problem(f"{s}/{i}", r["problem"], r["answer"].strip(), s, _math_level(r["difficulty"])),
-    ),
-    "math500": Bundled(
-        "math500/test.jsonl",
-        lambda r, i, s: Problem(r["unique_id"], r["problem"], r["answer"].strip(), s, _math_level(r["level"])),
-    ),
-    "aime24": Bundled("aime24/test.jsonl", lambda r, i, s: Problem(f"{s}/{r['id']}", r["problem"], _strip_zeros(r["answer"]), s)),
-    "aime25": Bundled("aime25/test.jsonl", lambda r, i, s: Problem(f"{s}/{r['id']}", r["problem"], str(r["answer"]), s)),
-    "amc23": Bundled("amc23/test.jsonl", lambda r, i, s: Problem(f"{s}/{r['id']}", r["problem"], _number(r["answer"]), s)),
-    "minerva_math": Bundled(
-        "minerva_math/test.jsonl",
-        lambda r, i, s: Problem(f"{s}/{_row_id(r, i, 'idx')}", r["problem"], _boxed_solution(r["solution"]), s),
-    ),
-    "olympiadbench": Bundled(
-        "olympiadbench/test.jsonl",
-        lambda r, i, s: Problem(f"{s}/{r['id']}", r["question"], _dollar_list(r["final_answer"]), s),
-    ),
-    "arithmetic": Bundled(None, lambda r, i, s: Problem(f"{s}/{i}", r["problem"], r["answer"], s)),
-}  # fmt: skip
+    "gsm8k": Bundled("gsm8k/train.jsonl", _gsm8k),
+    "gsm8k_test": Bundled("gsm8k/test.jsonl", _gsm8k),
+    "math_train": Bundled("math_train/train.jsonl", _math_solution),
+    "deepscaler_math": Bundled("math_train_deepscaler/math.json", _deepscaler),
+    "math500": Bundled("math500/test.jsonl", _math500),
+    "aime24": Bundled("aime24/test.jsonl", _aime24),
+    "aime25": Bundled("aime25/test.jsonl", _aime25),
+    "amc23": Bundled("amc23/test.jsonl", _amc23),
+    "minerva_math": Bundled("minerva_math/test.jsonl", _minerva),
+    "olympiadbench": Bundled("olympiadbench/test.jsonl", _olympiadbench),
+    "arithmetic": Bundled(None, _arithmetic),
+}
 EVAL_BENCHMARKS = ("aime24", "aime25", "amc23", "math500", "minerva_math", "olympiadbench", "gsm8k_test")
 
 
@@ -182,7 +215,9 @@ def _pick_field(rows: list[Row], given: str | None, defaults: tuple[str, ...], r
     )
 
 
-def _generic_problems(rows: list[Row], source: str, problem_field: str | None, answer_field: str | None) -> list[Problem]:
+def _generic_problems(
+    rows: list[Row], source: str, problem_field: str | None, answer_field: str | None
+) -> list[Problem]:
     problem_key = _pick_field(rows, problem_field, ("problem", "question", "prompt"), "problem", source)
     answer_key = _pick_field(rows, answer_field, ("answer", "final_answer", "solution"), "answer", source)
     problems = []
@@ -195,7 +230,9 @@ def _generic_problems(rows: list[Row], source: str, problem_field: str | None, a
         except ValueError as error:
             raise ValueError(f"{source}: row {index}, field {answer_key!r}: {error}") from error
         level = _math_level(row["level"]) if row.get("level") is not None else None
-        problems.append(Problem(_row_id(row, index, "id", "unique_id"), str(row[problem_key]), answer, source, level))
+        problems.append(
+            Problem(_row_id(row, index, "id", "unique_id"), str(row[problem_key]), answer, source, level)
+        )
     return problems
 
 
@@ -229,7 +266,7 @@ def load_problems(
         if path.is_file():
             rows = _read_rows(path)
         elif _looks_like_path(source) or path.exists():
-            raise FileNotFoundError(f"dataset file not found: {source}")
+            raise FileNotFoundError(f"dataset file not found (or not a file): {source}")
         elif "/" in source:
             rows = _load_hub(source, split)
         else:
@@ -240,10 +277,18 @@ def load_problems(
         if not rows:
             raise ValueError(f"dataset {source!r} is empty: no rows to train or evaluate on")
         problems = _generic_problems(rows, source, problem_field, answer_field)
+    usable = [problem for problem in problems if problem.answer]
+    if len(usable) < len(problems) and source not in BUNDLED:  # bundled counts are documented instead
+        logger.warning("%s: dropped %d rows without a gold answer", source, len(problems) - len(usable))
+    if not usable:
+        raise ValueError(f"dataset {source!r} has no row with a gold answer")
+    problems = usable
     if levels is not None:
         problems = [problem for problem in problems if problem.level in set(levels)]
         if not problems:
-            raise ValueError(f"no problem of {source!r} has a level in {tuple(levels)} (does it have levels?)")
+            raise ValueError(
+                f"no problem of {source!r} has a level in {tuple(levels)} (does it have levels?)"
+            )
     return problems[:limit] if limit is not None else problems
 
 
@@ -276,8 +321,9 @@ def format_prompt(problem: str, template: str, tokenizer: Any = None) -> str:
         return f"Question: {problem}\nPut the final answer in \\boxed{{}}.\nAnswer:"
     if template == "chat":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            which = "no tokenizer was given" if tokenizer is None else "this tokenizer has no chat_template"
             raise ValueError(
-                "prompt template 'chat' needs a tokenizer with a chat template, and this one has none; "
+                f"prompt template 'chat' needs the tokenizer's chat template, but {which}; "
                 "use template 'plain' (base models) or 'qwen_math' (Qwen ChatML) instead"
             )
         messages = [{"role": "user", "content": problem + " Put the final answer in \\boxed{}."}]

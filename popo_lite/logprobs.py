@@ -56,7 +56,10 @@ def completion_stats(
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, head = base.get_decoder(), base.get_output_embeddings()
     hidden = decoder(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_for(attention_mask)
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_for(attention_mask),
+        use_cache=False,  # scoring, not decoding
     ).last_hidden_state  # (N, P + T, H), after the final norm
     completion_length = input_ids.shape[1] - prompt_length
     predicting = hidden[:, prompt_length - 1 : prompt_length - 1 + completion_length]  # (N, T, H)

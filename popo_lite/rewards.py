@@ -34,19 +34,20 @@ logger = logging.getLogger(__name__)
 # Answers longer than this are not verified (score 0): no real final answer is that long, and sympy's cost
 # grows with the input, so this is the first bound on verification time.
 MAX_ANSWER_CHARS = 300
-_MAX_BOX_CANDIDATES = 20  # how many trailing \boxed occurrences to try before falling back
+_MAX_CANDIDATES = 20  # trailing \boxed / "answer is" occurrences tried before falling back
 _MAX_BOX_SCAN = 1000  # characters scanned for a closing brace: keeps extraction linear on junk
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
 _MARKED_RE = re.compile(
-    r"(?:(?:final\s+answer|the\s+answer)\s*(?:is\b\s*:?|:)|\banswer\s*:)[ \t*]*([^\n]*)", re.IGNORECASE
+    r"(?:(?:final\s+answer|the\s+answer)\s*(?:is\b\s*:?|:)|\banswer\s*:)(?=[ \t*]*([^\n]{0,500}))",
+    re.IGNORECASE,
 )
 _NUMBER_RE = re.compile(r"(?<![\w)\]}.])-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|(?<![\w)\]}.])-?\d+(?:\.\d+)?")
 _WORD_RE = re.compile(r"(?<![\\a-zA-Z{])[a-zA-Z]{3,}")
 _PLAIN_NUMBER_RE = re.compile(r"[-+]?\d+(?:\.\d+)?")
 _UNIT_RE = re.compile(r"\\(?:text|textbf|mathrm|mbox|operatorname)\s*\{[^{}]*\}(?:\^\{?\d\}?)?")
 _ARITHMETIC_RE = re.compile(r"[\d)}]\s*(?:[-+*×÷^!]|\\times|\\cdot|\\div)|\\frac\{[^{}]*[-+*^]")
-_SCIENTIFIC_RE = re.compile(r"-?\d+(?:\.\d+)?(?:\\times|\\cdot|\*|×)10\^\{?-?\d+\}?")
+_SCIENTIFIC_RE = re.compile(r"-?(?:\d+(?:\.\d+)?(?:\\times|\\cdot|\*|×))?10\^\{?-?\d+\}?")
 
 
 def _boxed_content(text: str, start: int) -> str | None:
@@ -73,7 +74,7 @@ def _boxed_content(text: str, start: int) -> str | None:
 def last_boxed(text: str) -> str | None:
     """Content of the last non-empty \\boxed{} or \\fbox{} (balanced braces), or None."""
     starts = [m.end() for m in _BOX_RE.finditer(text)]
-    for end in reversed(starts[-_MAX_BOX_CANDIDATES:]):
+    for end in reversed(starts[-_MAX_CANDIDATES:]):
         content = _boxed_content(text, end)
         if content and content.strip():
             return content.strip()
@@ -103,7 +104,7 @@ def extract_final_answer(completion: str) -> str | None:
     boxed = last_boxed(completion)
     if boxed is not None:
         return boxed
-    for match in reversed(list(_MARKED_RE.finditer(completion))):
+    for match in reversed(list(_MARKED_RE.finditer(completion))[-_MAX_CANDIDATES:]):
         answer = _clean_marked(match.group(1))
         if answer:
             return answer
@@ -118,12 +119,12 @@ def _is_plain_number(text: str) -> bool:
 def _is_unevaluated_arithmetic(answer: str) -> bool:
     """True for `17+25`, `6 \\times 7`, `2^{10}`, `\\frac{40+2}{1}`: numbers joined by operators.
 
-    A plain fraction (`\\frac{1}{2}`, `1/2`) and scientific notation (`1.2 \\times 10^{3}`) are
+    A plain fraction (`\\frac{1}{2}`, `1/2`) and scientific notation (`1.2 \\times 10^{3}`, `10^{-3}`) are
     numbers, not arithmetic. Units (`\\text{ cm}^2`), `$`, `%` and degree signs are ignored.
     """
     text = _UNIT_RE.sub("", answer)
     text = re.sub(r"\\[,;!: ]|\\?\$|\\?%|\^\s*\{?\\circ\}?|\{,\}|\s", "", text)
-    text = text.strip("=")
+    text = text.rsplit("=", 1)[-1]  # judge the value after the last "=": "x = 42", "17+25=42" state 42
     if _SCIENTIFIC_RE.fullmatch(text) or re.fullmatch(r"-?\d+/\d+", text):
         return False
     return _ARITHMETIC_RE.search(text.lstrip("-+")) is not None
@@ -192,6 +193,8 @@ def _serve() -> None:
     """Helper-process loop: one JSON request per stdin line, one '1'/'0' per stdout line."""
     out = sys.stdout
     sys.stdout = sys.stderr  # nothing but answers may reach the protocol stream
+    import math_verify  # noqa: F401  fail before "ready" if missing; the caller then verifies in-thread
+
     out.write("ready\n")
     out.flush()
     for line in sys.stdin:
@@ -221,6 +224,7 @@ def _read_line(proc: subprocess.Popen, deadline: float) -> str | None:
 
 
 def _stop_worker() -> None:
+    """Kill the helper process (it also exits by itself when our end of its stdin closes)."""
     global _worker, _worker_buffer
     if _worker is not None:
         _worker.kill()
@@ -229,6 +233,7 @@ def _stop_worker() -> None:
 
 
 def _start_worker() -> subprocess.Popen | None:
+    """The running helper, started if needed; None where it cannot run (then verify in-thread)."""
     global _worker, _worker_broken
     if _worker is not None and _worker.poll() is None:
         return _worker
@@ -259,7 +264,7 @@ def _verify_off_main_thread(gold: str, answer: str, timeout_s: float) -> bool:
     with _worker_lock:
         proc = _start_worker()
         if proc is None:  # no helper (non-POSIX or spawn failed): only the input guards bound the time
-            return _verify_texts(gold, answer, None if os.name == "posix" else seconds)
+            return _verify_texts(gold, answer, None)
         request = json.dumps({"gold": gold, "answer": answer, "timeout": seconds}) + "\n"
         proc.stdin.write(request.encode())
         proc.stdin.flush()
@@ -282,11 +287,15 @@ def score(completion: str, gold: str, timeout_s: float = 5.0) -> tuple[float, st
             return 0.0, answer
         if _is_plain_number(gold) and _is_unevaluated_arithmetic(answer):
             return 0.0, answer
-        if threading.current_thread() is threading.main_thread():
+        if os.name != "posix":  # math-verify's non-POSIX timeout pickles a local function: it would fail
+            ok = _verify_texts(gold, answer, None)
+        elif threading.current_thread() is threading.main_thread():
             ok = _verify_texts(gold, answer, max(1, math.ceil(timeout_s)))
         else:
             ok = _verify_off_main_thread(gold, answer, timeout_s)
         return (1.0 if ok else 0.0), answer
+    except ImportError:  # math-verify missing is a broken install, not a wrong answer: say so
+        raise
     except Exception:  # a reward must never crash training
         logger.debug("scoring failed", exc_info=True)
         return 0.0, None
@@ -300,8 +309,10 @@ def math_reward(completions: list[str], golds: list[str], timeout_s: float = 5.0
     thread). On the main thread math-verify's own `signal.alarm` limits apply: ceil(timeout_s) for each
     of parse(gold), parse(answer) and verify. Off the main thread (where `signal.alarm` raises) the same
     runs in a helper process, whose main thread can use those limits, and the caller kills it after
-    3 * ceil(timeout_s) + 1 seconds: a hard bound. Its first use costs the helper's start (about 2 s).
+    3 * ceil(timeout_s) + 1 seconds: a hard bound. Its first use costs the helper's start (1-2 s).
     """
     if len(completions) != len(golds):
         raise ValueError(f"math_reward got {len(completions)} completions but {len(golds)} gold answers")
-    return [score(completion, gold, timeout_s)[0] for completion, gold in zip(completions, golds, strict=True)]
+    return [
+        score(completion, gold, timeout_s)[0] for completion, gold in zip(completions, golds, strict=True)
+    ]

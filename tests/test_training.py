@@ -81,13 +81,18 @@ def test_grpo_trains_adapter_end_to_end(tiny_config):
     assert not (final / EMA).exists() and not (final / "predictor.pt").exists()
 
 
+TIMING_KEYS = ("seconds", "tokens_per_s", "peak_memory", "run_dir", "checkpoint")
+
+
 def test_resumed_run_continues_like_an_uninterrupted_one(tiny_config):
-    full = [r for r in train(tiny_config(steps=3, run_name="full", save_every=1))]
-    list(train(tiny_config(steps=2, run_name="cut", save_every=1)))
-    resumed = list(train(tiny_config(steps=3, run_name="cut", save_every=1), resume=True))
+    # seed 2: steps 2 and 3 of this tiny run have positives, so the resumed step does real work
+    full = list(train(tiny_config(steps=3, run_name="full", save_every=1, seed=2)))
+    list(train(tiny_config(steps=2, run_name="cut", save_every=1, seed=2)))
+    resumed = list(train(tiny_config(steps=3, run_name="cut", save_every=1, seed=2), resume=True))
     assert [r["step"] for r in resumed] == [3]
-    for key in ("reward_mean", "loss", "nll", "entropy", "grad_norm"):
-        assert resumed[0].get(key) == pytest.approx(full[2].get(key), rel=1e-5, abs=1e-7), key
+    assert "loss" in full[2], "the compared step should have trained"
+    comparable = {k: v for k, v in full[2].items() if isinstance(v, float) and not any(t in k for t in TIMING_KEYS)}
+    assert {k: resumed[0].get(k) for k in comparable} == pytest.approx(comparable, rel=1e-5, abs=1e-7)
     metrics = _lines(Path(resumed[0]["run_dir"]) / "metrics.jsonl")
     assert [r["step"] for r in metrics] == [1, 2, 3]
 
