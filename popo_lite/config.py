@@ -77,9 +77,9 @@ class Config:
     max_prompt_tokens: int = _f(512, "Prompts longer than this are cut from the left.")
 
     # --- rollouts ----------------------------------------------------------------------------------
-    prompts_per_step: int = _f(4, "B: prompts per optimizer step.")
-    rollouts_per_prompt: int = _f(4, "G: completions sampled per prompt (the group).")
-    max_new_tokens: int = _f(48, "Longest completion, in tokens.")
+    prompts_per_step: int = _f(8, "B: prompts per optimizer step.")
+    rollouts_per_prompt: int = _f(8, "G: completions sampled per prompt (the group).")
+    max_new_tokens: int = _f(40, "Longest completion, in tokens.")
     temperature: float = _f(
         0.7, "Sampling temperature (the reference uses 1.0); log-probs in the loss use logits / temperature."
     )
@@ -129,7 +129,7 @@ class Config:
     lr_schedule: str = _f("constant", "Learning-rate schedule after warmup.", ("constant", "cosine"))
     warmup_ratio: float = _f(0.0, "Fraction of steps of linear warmup.")
     micro_batch_size: int = _f(
-        8, "Sequences per forward/backward pass (gradient accumulation over the rest)."
+        16, "Sequences per forward/backward pass (gradient accumulation over the rest)."
     )
 
     # --- run ---------------------------------------------------------------------------------------
