@@ -23,6 +23,10 @@ logger = logging.getLogger(__name__)
 DATA_DIR = Path(__file__).parent / "datasets"
 
 
+class DataError(ValueError):
+    """A dataset cannot be used as configured; the message names the file, field or name."""
+
+
 @dataclass(frozen=True)
 class Problem:
     """One training or evaluation item; `answer` is already normalised, so the reward compares as is."""
@@ -75,7 +79,7 @@ def generic_answer(value: Any, field: str = "answer") -> str:
     if value is None:
         return ""  # dropped by load_problems, with a warning
     if isinstance(value, bool):
-        raise ValueError(f"gold answer {value!r} is not an answer")
+        raise DataError(f"gold answer {value!r} is not an answer")
     if isinstance(value, (int, float)):
         return _number(value)
     if isinstance(value, (list, tuple)):
@@ -174,7 +178,7 @@ def arithmetic_rows(split: str = "train", seed: int = 1234) -> list[Row]:
     elif split == "train":
         chosen = [rng.choice(pairs[200:]) for _ in range(5000)]
     else:
-        raise ValueError(f"arithmetic has splits 'train' and 'test', not {split!r}")
+        raise DataError(f"arithmetic has splits 'train' and 'test', not {split!r}")
     return [{"problem": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in chosen]
 
 
@@ -191,25 +195,25 @@ def _read_rows(path: Path) -> list[Row]:
         text = path.read_text(encoding="utf-8")
         rows = json.loads(text) if text.strip() else []
         if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a JSON array of objects, got {type(rows).__name__}")
+            raise DataError(f"{path}: expected a JSON array of objects, got {type(rows).__name__}")
         return rows
     if suffix == ".parquet":
         import pyarrow.parquet as pq  # installed with `datasets`; imported only when needed
 
         return pq.read_table(path).to_pylist()
-    raise ValueError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
+    raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
 
 
 def _pick_field(rows: list[Row], given: str | None, defaults: tuple[str, ...], role: str, where: str) -> str:
     keys = sorted(rows[0].keys())
     if given is not None:
         if given not in rows[0]:
-            raise ValueError(f"{role} field {given!r} not found in {where}; keys found: {keys}")
+            raise DataError(f"{role} field {given!r} not found in {where}; keys found: {keys}")
         return given
     for name in defaults:
         if name in rows[0]:
             return name
-    raise ValueError(
+    raise DataError(
         f"no {role} field in {where}: looked for {list(defaults)}; keys found: {keys}. "
         f"Pass {role}_field=... to name it."
     )
@@ -224,11 +228,11 @@ def _generic_problems(
     for index, row in enumerate(rows):
         if problem_key not in row or answer_key not in row:
             missing = problem_key if problem_key not in row else answer_key
-            raise ValueError(f"{source}: row {index} has no field {missing!r}; keys found: {sorted(row)}")
+            raise DataError(f"{source}: row {index} has no field {missing!r}; keys found: {sorted(row)}")
         try:
             answer = generic_answer(row[answer_key], answer_key)
         except ValueError as error:
-            raise ValueError(f"{source}: row {index}, field {answer_key!r}: {error}") from error
+            raise DataError(f"{source}: row {index}, field {answer_key!r}: {error}") from error
         level = _math_level(row["level"]) if row.get("level") is not None else None
         problems.append(
             Problem(_row_id(row, index, "id", "unique_id"), str(row[problem_key]), answer, source, level)
@@ -270,25 +274,23 @@ def load_problems(
         elif "/" in source:
             rows = _load_hub(source, split)
         else:
-            raise ValueError(
+            raise DataError(
                 f"unknown dataset {source!r}: not a bundled name ({', '.join(BUNDLED)}), "
                 "not an existing file, and not a Hub id (owner/name)"
             )
         if not rows:
-            raise ValueError(f"dataset {source!r} is empty: no rows to train or evaluate on")
+            raise DataError(f"dataset {source!r} is empty: no rows to train or evaluate on")
         problems = _generic_problems(rows, source, problem_field, answer_field)
     usable = [problem for problem in problems if problem.answer]
     if len(usable) < len(problems) and source not in BUNDLED:  # bundled counts are documented instead
         logger.warning("%s: dropped %d rows without a gold answer", source, len(problems) - len(usable))
     if not usable:
-        raise ValueError(f"dataset {source!r} has no row with a gold answer")
+        raise DataError(f"dataset {source!r} has no row with a gold answer")
     problems = usable
     if levels is not None:
         problems = [problem for problem in problems if problem.level in set(levels)]
         if not problems:
-            raise ValueError(
-                f"no problem of {source!r} has a level in {tuple(levels)} (does it have levels?)"
-            )
+            raise DataError(f"no problem of {source!r} has a level in {tuple(levels)} (does it have levels?)")
     return problems[:limit] if limit is not None else problems
 
 
@@ -322,10 +324,10 @@ def format_prompt(problem: str, template: str, tokenizer: Any = None) -> str:
     if template == "chat":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             which = "no tokenizer was given" if tokenizer is None else "this tokenizer has no chat_template"
-            raise ValueError(
+            raise DataError(
                 f"prompt template 'chat' needs the tokenizer's chat template, but {which}; "
                 "use template 'plain' (base models) or 'qwen_math' (Qwen ChatML) instead"
             )
         messages = [{"role": "user", "content": problem + " Put the final answer in \\boxed{}."}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    raise ValueError(f"unknown prompt template {template!r}; choose one of {', '.join(TEMPLATES)}")
+    raise DataError(f"unknown prompt template {template!r}; choose one of {', '.join(TEMPLATES)}")

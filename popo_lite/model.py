@@ -128,12 +128,18 @@ def lora_config(config: Config) -> LoraConfig:
     )
 
 
-def load_policy(config: Config) -> tuple[PeftModel, object, torch.device]:
-    """Load base and tokenizer, attach the "policy" and "ema" LoRA adapters: (model, tokenizer, device)."""
+def load_policy(config: Config, check_tokenizer=None) -> tuple[PeftModel, object, torch.device]:
+    """Load base and tokenizer, attach the "policy" and "ema" LoRA adapters: (model, tokenizer, device).
+
+    `check_tokenizer(tokenizer)` runs before the weights load, so a prompt that cannot be built (say, a
+    chat template the tokenizer lacks) fails in seconds.
+    """
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     source = resolve_model_source(config)
     tokenizer = load_tokenizer(source, config)
+    if check_tokenizer is not None:
+        check_tokenizer(tokenizer)
     kwargs: dict = {"dtype": dtype, "trust_remote_code": config.trust_remote_code}
     if config.qlora:
         kwargs["quantization_config"] = BitsAndBytesConfig(

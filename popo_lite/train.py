@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 from typing import Any
 
 import yaml
 from tqdm import tqdm
 
 from popo_lite.config import Config, ConfigError, load_config
+from popo_lite.data import DataError
 from popo_lite.model import ModelError
 
 
@@ -74,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     arguments = vars(build_parser().parse_args(argv))
     config_path, resume = arguments.pop("config"), arguments.pop("resume")
+    if resume and config_path is None and arguments.get("run_name"):
+        # Resuming by name alone continues with the run's own resolved config (options still override).
+        saved = Path(arguments.get("output_dir", Config.output_dir)) / arguments["run_name"] / "config.yaml"
+        config_path = saved if saved.is_file() else None
     try:
         config = load_config(config_path, arguments)
         from popo_lite.trainer import train  # heavy imports only once the config is known to be good
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             progress.set_postfix(
                 reward=f"{record['reward_mean']:.3f}",
                 pos=f"{record['positive_rate']:.2f}",
-                loss=f"{record.get('loss', float('nan')):.4f}",
+                loss=f"{record['loss']:.4f}" if "loss" in record else "-",
             )
             if "warning" in record:
                 tqdm.write(f"step {record['step']}: {record['warning']}")
@@ -94,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run directory: {record['run_dir']}")
         else:
             print(f"nothing to do: the run already has {config.steps} steps")
-    except (ConfigError, ModelError, FileNotFoundError) as error:
+    except (ConfigError, DataError, ModelError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

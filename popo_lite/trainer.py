@@ -58,7 +58,7 @@ class PromptSampler:
 
 
 def run_directory(config: Config, resume: bool) -> Path:
-    """Create (or, on resume, find) the run directory and write the resolved config into it."""
+    """The run directory: must exist on resume, must not hold a run otherwise. Creates nothing."""
     root = Path(config.output_dir)
     name = config.run_name or f"{config.algo}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir = root / name
@@ -67,8 +67,6 @@ def run_directory(config: Config, resume: bool) -> Path:
             raise ConfigError(f"--resume: no run to resume at {run_dir} (give --run_name of an existing run)")
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run directory {run_dir} already holds a run: use --resume or another --run_name")
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    config.save(run_dir / "config.yaml")
     return run_dir
 
 
@@ -153,8 +151,12 @@ def prepare(config: Config, resume: bool = False) -> Session:
         )
     run_dir = run_directory(config, resume)
     seed_everything(config.seed)
-    model, tokenizer, device = load_policy(config)
+    model, tokenizer, device = load_policy(
+        config, check_tokenizer=lambda tok: format_prompt(problems[0].problem, config.prompt_template, tok)
+    )
     ema_reset(model)
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)  # only once the model has loaded
+    config.save(run_dir / "config.yaml")
     predictor = None
     if config.algo == "popo":
         predictor = Predictor(model.get_base_model().config.hidden_size, config.predictor_dim).to(device)

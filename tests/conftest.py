@@ -25,17 +25,25 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     core.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
 
 
 def build_model_folder(folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
@@ -55,7 +63,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def digit_problems(tmp_path_factory) -> Path:
     """A local jsonl of one-digit sums, in a custom field layout (exercises problem/answer_field)."""
     path = tmp_path_factory.mktemp("data") / "sums.jsonl"
-    rows = [{"q": f"What is {a} + {b}?", "gold": str(a + b)} for a in range(5) for b in range(5) if a + b < 10]
+    rows = [
+        {"q": f"What is {a} + {b}?", "gold": str(a + b)} for a in range(5) for b in range(5) if a + b < 10
+    ]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
 
@@ -66,10 +76,25 @@ def tiny_config(tiny_model_dir, digit_problems, tmp_path):
 
     def make(**overrides) -> Config:
         values = dict(
-            model=str(tiny_model_dir), dataset=str(digit_problems), problem_field="q", answer_field="gold",
-            prompt_template="plain", prompts_per_step=4, rollouts_per_prompt=4, max_new_tokens=2,
-            temperature=1.0, steps=2, learning_rate=1e-2, micro_batch_size=8, predictor_dim=16, kl_every=1,
-            lora_rank=4, lora_alpha=8, output_dir=str(tmp_path / "runs"), run_name="test", seed=0,
+            model=str(tiny_model_dir),
+            dataset=str(digit_problems),
+            problem_field="q",
+            answer_field="gold",
+            prompt_template="plain",
+            prompts_per_step=4,
+            rollouts_per_prompt=4,
+            max_new_tokens=2,
+            temperature=1.0,
+            steps=2,
+            learning_rate=1e-2,
+            micro_batch_size=8,
+            predictor_dim=16,
+            kl_every=1,
+            lora_rank=4,
+            lora_alpha=8,
+            output_dir=str(tmp_path / "runs"),
+            run_name="test",
+            seed=0,
             gradient_checkpointing=True,
         )
         values.update(overrides)

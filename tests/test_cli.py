@@ -18,16 +18,45 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "popo_lite.train", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "popo_lite.train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_cli_subprocess_trains_tiny_model_and_writes_run_directory(tiny_model_dir, digit_problems, tmp_path):
     result = _cli(
-        "--model", str(tiny_model_dir), "--dataset", str(digit_problems), "--problem_field", "q",
-        "--answer_field", "gold", "--prompt_template", "plain", "--prompts_per_step", "2",
-        "--rollouts_per_prompt", "4", "--max_new_tokens", "2", "--steps", "2", "--predictor_dim", "8",
-        "--lora_rank", "2", "--output_dir", str(tmp_path / "runs"), "--run_name", "cli", "--no-log_rollouts",
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(digit_problems),
+        "--problem_field",
+        "q",
+        "--answer_field",
+        "gold",
+        "--prompt_template",
+        "plain",
+        "--prompts_per_step",
+        "2",
+        "--rollouts_per_prompt",
+        "4",
+        "--max_new_tokens",
+        "2",
+        "--steps",
+        "2",
+        "--predictor_dim",
+        "8",
+        "--lora_rank",
+        "2",
+        "--output_dir",
+        str(tmp_path / "runs"),
+        "--run_name",
+        "cli",
+        "--no-log_rollouts",
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -59,8 +88,11 @@ def test_cli_help_documents_every_config_field(capsys):
 def test_cli_options_override_yaml_with_typed_values(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("steps: 5\nalgo: grpo\nlevels: [3, 4]\n")
-    args = vars(build_parser().parse_args(["--steps", "7", "--qlora", "--learning_rate", "3e-5",
-                                           "--run_name", "none"]))
+    args = vars(
+        build_parser().parse_args(
+            ["--steps", "7", "--qlora", "--learning_rate", "3e-5", "--run_name", "none"]
+        )
+    )
     config = load_config(path, {k: v for k, v in args.items() if k not in ("config", "resume")})
     assert (config.steps, config.algo, config.levels, config.qlora) == (7, "grpo", [3, 4], True)
     assert config.learning_rate == 3e-5 and config.run_name is None

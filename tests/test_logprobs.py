@@ -11,8 +11,12 @@ from popo_lite.rollouts import completion_mask_from, generate_rollouts
 
 def _reference(model, input_ids, attention_mask, prompt_length, completion_mask, temperature):
     """The obvious way: full logits (N, L, V) in fp32 at once, hidden_states[-1] from the model output."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_for(attention_mask),
-                output_hidden_states=True)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_for(attention_mask),
+        output_hidden_states=True,
+    )
     logits = out.logits[:, prompt_length - 1 : -1].float() / temperature
     log_probs = torch.log_softmax(logits, -1)
     token_logprobs = log_probs.gather(-1, input_ids[:, prompt_length:, None]).squeeze(-1)
@@ -33,10 +37,20 @@ def test_chunked_stats_equal_full_computation_values_and_gradients(tiny_config):
     completion_mask[1, 5:] = 0
     attention_mask[:, prompt_length:] = completion_mask
 
-    stats = completion_stats(model, input_ids, attention_mask, prompt_length, completion_mask, temperature=0.7,
-                             with_entropy=True, with_features=True, chunk_size=3)
-    ref_logprobs, ref_entropy, ref_features = _reference(model, input_ids, attention_mask, prompt_length,
-                                                         completion_mask, 0.7)
+    stats = completion_stats(
+        model,
+        input_ids,
+        attention_mask,
+        prompt_length,
+        completion_mask,
+        temperature=0.7,
+        with_entropy=True,
+        with_features=True,
+        chunk_size=3,
+    )
+    ref_logprobs, ref_entropy, ref_features = _reference(
+        model, input_ids, attention_mask, prompt_length, completion_mask, 0.7
+    )
     torch.testing.assert_close(stats.logprobs, ref_logprobs)
     torch.testing.assert_close(stats.entropy, ref_entropy)
     torch.testing.assert_close(stats.features, ref_features)

@@ -89,8 +89,16 @@ def test_ema_forward_uses_the_ema_weights(policy_model):
 def test_predictor_shape_init_and_dtype():
     predictor = Predictor(hidden_size=12, width=7)
     linear_in, norm, _, linear_out = predictor.net
-    assert (linear_in.in_features, linear_in.out_features, norm.normalized_shape, linear_out.out_features) == (
-        12, 7, (7,), 12,
+    assert (
+        linear_in.in_features,
+        linear_in.out_features,
+        norm.normalized_shape,
+        linear_out.out_features,
+    ) == (
+        12,
+        7,
+        (7,),
+        12,
     )
     assert torch.all(linear_in.bias == 0) and torch.all(linear_out.bias == 0)
     bound = (6 / (12 + 7)) ** 0.5  # Xavier-uniform bound for fan_in 12, fan_out 7
@@ -100,7 +108,7 @@ def test_predictor_shape_init_and_dtype():
 
 
 def test_missing_local_model_folder_is_a_clear_error(tiny_config, tmp_path):
-    with pytest.raises(ModelError, match="no config.json"):
+    with pytest.raises(ModelError, match=r"no config\.json"):
         load_policy(tiny_config(model=str(tmp_path)))
     with pytest.raises(ModelError, match="GGUF file not found"):
         load_policy(tiny_config(model=str(tmp_path / "missing.gguf")))

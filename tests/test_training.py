@@ -16,8 +16,11 @@ from popo_lite.trainer import prepare, run, train
 
 
 def _base_state(model) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().clone() for name, tensor in model.get_base_model().state_dict().items()
-            if "lora_" not in name}
+    return {
+        name: tensor.detach().clone()
+        for name, tensor in model.get_base_model().state_dict().items()
+        if "lora_" not in name
+    }
 
 
 def _adapter_state(model) -> list[torch.Tensor]:
@@ -40,9 +43,24 @@ def test_popo_trains_adapter_keeps_base_and_moves_ema_by_the_law(tiny_config, ql
 
     assert [r["step"] for r in records] == [1, 2, 3]
     assert sum(r["positive_rate"] for r in records) > 0, "the tiny model should hit some one-digit answers"
-    for key in ("reward_mean", "positive_rate", "groups_with_positive", "nll", "sim", "entropy", "loss",
-                "cosine_policy_ema", "kl_policy_ema", "completion_length", "generation_tokens_per_s",
-                "train_tokens_per_s", "seconds_generate", "seconds_update", "weight_max", "grad_norm"):
+    for key in (
+        "reward_mean",
+        "positive_rate",
+        "groups_with_positive",
+        "nll",
+        "sim",
+        "entropy",
+        "loss",
+        "cosine_policy_ema",
+        "kl_policy_ema",
+        "completion_length",
+        "generation_tokens_per_s",
+        "train_tokens_per_s",
+        "seconds_generate",
+        "seconds_update",
+        "weight_max",
+        "grad_norm",
+    ):
         assert any(key in r for r in records), key
     for name, tensor in _base_state(model).items():
         assert torch.equal(tensor, base_before[name]), f"base tensor {name} changed"
@@ -91,7 +109,9 @@ def test_resumed_run_continues_like_an_uninterrupted_one(tiny_config):
     resumed = list(train(tiny_config(steps=3, run_name="cut", save_every=1, seed=2), resume=True))
     assert [r["step"] for r in resumed] == [3]
     assert "loss" in full[2], "the compared step should have trained"
-    comparable = {k: v for k, v in full[2].items() if isinstance(v, float) and not any(t in k for t in TIMING_KEYS)}
+    comparable = {
+        k: v for k, v in full[2].items() if isinstance(v, float) and not any(t in k for t in TIMING_KEYS)
+    }
     assert {k: resumed[0].get(k) for k in comparable} == pytest.approx(comparable, rel=1e-5, abs=1e-7)
     metrics = _lines(Path(resumed[0]["run_dir"]) / "metrics.jsonl")
     assert [r["step"] for r in metrics] == [1, 2, 3]

@@ -1,0 +1,543 @@
+"""Evaluation on the math benchmarks: greedy pass@1, or avg@n and unbiased pass@k from n samples.
+
+`python -m popo_lite.evaluate` is a thin shell over `evaluate_problems` / `evaluate_model`, which the
+trainer and the web panel call with the model they already hold: the ACTIVE adapter is what is
+evaluated (wrap the call in `siamese.ema_forward(model)` to evaluate the EMA adapter). How it follows the
+reference protocol (POPO_SPEC.md section 3), and where it departs:
+
+1. Greedy pass@1 is the default (temperature 0); `--preset reference` samples at temperature 0.7,
+   top_p 0.95, up to 4096 new tokens with the qwen_math prompt, but n = 16 rather than 128 by default:
+   128 samples of 4096 tokens per problem is days of single-GPU time (`--n 128` restores it).
+2. Scoring is the training reward, `rewards.score`, so evaluation and training curves measure the same
+   thing, including its guards against a restated question counting as an answer.
+3. Sampling reuses `rollouts.generate_rollouts` (top_k off, as in training); greedy decoding has its
+   own path because HF `generate` refuses temperature 0 with sampling on.
+4. Each benchmark runs under its own seed inside `torch.random.fork_rng`: its samples do not depend on
+   which benchmarks ran before it, and evaluating mid-training leaves the trainer's RNG stream alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from popo_lite.config import EMBEDDED_MODEL, Config, ConfigError, load_config
+from popo_lite.data import BUNDLED, EVAL_BENCHMARKS, TEMPLATES, Problem, format_prompt, load_problems
+from popo_lite.model import ModelError, load_tokenizer, resolve_device, resolve_dtype, resolve_model_source
+from popo_lite.passk import markdown_table, summarise
+from popo_lite.rewards import score
+from popo_lite.rollouts import Rollouts, completion_mask_from, eos_ids, generate_rollouts
+
+logger = logging.getLogger(__name__)
+DEFAULT_KS = (1, 2, 4, 8, 16, 32, 64, 128)  # reported where k <= n
+REFERENCE = {
+    "n": 16,
+    "temperature": 0.7,
+    "top_p": 0.95,
+    "max_new_tokens": 4096,
+    "prompt_template": "qwen_math",
+}
+
+
+class EvaluationError(ValueError):
+    """A benchmark, adapter, option or output folder is wrong; the message names it."""
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How completions are generated and scored; bad values raise EvaluationError naming the field."""
+
+    n: int = 1  # samples per problem
+    temperature: float = 0.0  # 0 = greedy decoding
+    top_p: float = 1.0  # nucleus threshold when sampling
+    max_new_tokens: int = 1024  # the reference's training completion length; the reference eval uses 4096
+    prompt_template: str = "qwen_math"  # one of data.TEMPLATES
+    batch_size: int = 32  # completions generated at once (prompts per call = batch_size // n, at least 1)
+    ks: tuple[int, ...] = DEFAULT_KS  # pass@k is reported for the k <= n among these
+    max_prompt_tokens: int = 4096  # longer prompts are cut (with a warning): set it above every prompt
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("n", "max_new_tokens", "batch_size", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise EvaluationError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature < 0:
+            raise EvaluationError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise EvaluationError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.greedy and self.n > 1:
+            raise EvaluationError(
+                f"n = {self.n} with greedy decoding (temperature 0) gives {self.n} identical samples: "
+                "set temperature > 0 (e.g. 0.7, or --preset reference) or n = 1"
+            )
+        if self.prompt_template not in TEMPLATES:
+            raise EvaluationError(
+                f"prompt_template must be one of {', '.join(TEMPLATES)}, got {self.prompt_template!r}"
+            )
+        if not self.ks or any(k < 1 for k in self.ks):
+            raise EvaluationError(f"ks must be positive sample counts, got {self.ks}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def metric(self) -> str:
+        return "pass@1" if self.greedy else f"avg@{self.n}"
+
+    @property
+    def reported_ks(self) -> tuple[int, ...]:
+        return tuple(k for k in sorted(set(self.ks)) if k <= self.n)
+
+
+# ---- generation and scoring -------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def greedy_rollouts(
+    model, tokenizer, prompts: list[str], max_new_tokens: int, max_prompt_tokens: int = 4096
+) -> Rollouts:
+    """One greedy completion per prompt, in the layout and with the EOS handling of `generate_rollouts`."""
+    started = time.perf_counter()
+    device = next(model.parameters()).device
+    encoded = tokenizer(
+        prompts,
+        return_tensors="pt",
+        padding=True,
+        truncation=True,
+        max_length=max_prompt_tokens,
+        add_special_tokens=False,
+    ).to(device)  # (B, P) left-padded
+    stop_ids = eos_ids(model, tokenizer)
+    was_training = model.training
+    model.eval()
+    try:
+        # None clears sampling knobs a model's generation_config may carry (Qwen ships temperature 0.7).
+        output = model.generate(
+            **encoded,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=stop_ids,
+            pad_token_id=tokenizer.pad_token_id,
+            use_cache=True,
+        )
+    finally:
+        model.train(was_training)
+    completion_ids = output[:, encoded["input_ids"].shape[1] :]  # (B, T)
+    completion_mask = completion_mask_from(completion_ids, stop_ids)
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
+    lengths = completion_mask.sum(1).tolist()
+    texts = tokenizer.batch_decode(
+        [row[:length].tolist() for row, length in zip(completion_ids, lengths, strict=True)],
+        skip_special_tokens=True,
+    )
+    return Rollouts(
+        prompt_ids=encoded["input_ids"],
+        prompt_mask=encoded["attention_mask"],
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        texts=texts,
+        group_size=1,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _lengths_and_cuts(rollouts: Rollouts, stop_ids: list[int]) -> tuple[list[int], list[bool]]:
+    """Completion lengths in tokens, and whether each was cut at max_new_tokens (ends without an EOS)."""
+    lengths = rollouts.completion_mask.sum(1)  # (N,)
+    last = rollouts.completion_ids.gather(1, (lengths - 1).clamp(min=0)[:, None])[:, 0]  # (N,)
+    ended = torch.isin(last, torch.tensor(stop_ids, device=last.device)) & (lengths > 0)
+    return lengths.tolist(), (~ended).tolist()
+
+
+def _record(name: str, problem: Problem, prompt: str, texts: list[str], lengths, cuts) -> dict:
+    scored = [score(text, problem.answer) for text in texts]
+    correct = [reward > 0 for reward, _ in scored]
+    return {
+        "benchmark": name,
+        "id": problem.id,
+        "prompt": prompt,
+        "gold": problem.answer,
+        "completions": texts,
+        "extracted": [extracted for _, extracted in scored],
+        "correct": correct,
+        "num_correct": sum(correct),
+        "tokens": lengths,
+        "cut": cuts,
+    }
+
+
+def evaluate_problems(
+    model,
+    tokenizer,
+    problems: list[Problem],
+    settings: EvalSettings | None = None,
+    *,
+    name: str = "problems",
+    progress: bool = False,
+) -> dict:
+    """Generate, score and summarise one benchmark with the model's active adapter.
+
+    Returns `summarise(...)` plus "seconds" and "records" (one dict per problem, in `problems` order).
+    """
+    settings = settings or EvalSettings()
+    if not problems:
+        raise EvaluationError(f"benchmark {name!r} has no problems")
+    if tokenizer.padding_side != "left":
+        raise EvaluationError(
+            "the tokenizer must pad on the left for batched generation (load_tokenizer does)"
+        )
+    started = time.perf_counter()
+    prompts = [format_prompt(problem.problem, settings.prompt_template, tokenizer) for problem in problems]
+    prompt_tokens = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    if (too_long := sum(length > settings.max_prompt_tokens for length in prompt_tokens)) > 0:
+        logger.warning("%s: %d prompts exceed max_prompt_tokens and are cut", name, too_long)
+    # Longest first: an out-of-memory batch fails at once, and similar lengths share little padding.
+    order = sorted(range(len(problems)), key=lambda i: -prompt_tokens[i])
+    per_call = max(1, settings.batch_size // settings.n)
+    stop_ids = eos_ids(model, tokenizer)
+    device = next(model.parameters()).device
+    cuda_devices = [device.index or 0] if device.type == "cuda" else []
+    records: list[dict] = [{} for _ in problems]
+    with (
+        torch.random.fork_rng(devices=cuda_devices),
+        tqdm(total=len(problems), desc=name, unit="problem", disable=not progress) as bar,
+    ):
+        torch.manual_seed(settings.seed)
+        for first in range(0, len(order), per_call):
+            chunk = order[first : first + per_call]
+            chunk_prompts = [prompts[i] for i in chunk]
+            if settings.greedy:
+                rollouts = greedy_rollouts(
+                    model, tokenizer, chunk_prompts, settings.max_new_tokens, settings.max_prompt_tokens
+                )
+            else:
+                rollouts = generate_rollouts(
+                    model,
+                    tokenizer,
+                    chunk_prompts,
+                    settings.n,
+                    settings.max_new_tokens,
+                    settings.temperature,
+                    settings.top_p,
+                    settings.max_prompt_tokens,
+                    settings.batch_size,
+                )
+            lengths, cuts = _lengths_and_cuts(rollouts, stop_ids)
+            n = settings.n
+            for j, i in enumerate(chunk):  # rows j*n .. j*n + n - 1 belong to problem i
+                rows = slice(j * n, (j + 1) * n)
+                records[i] = _record(
+                    name, problems[i], prompts[i], rollouts.texts[rows], lengths[rows], cuts[rows]
+                )
+            bar.update(len(chunk))
+    summary = summarise(records, settings.metric, settings.n, settings.reported_ks)
+    return {**summary, "seconds": time.perf_counter() - started, "records": records}
+
+
+def load_benchmarks(
+    names: Sequence[str],
+    *,
+    limit: int | None = None,
+    problem_field: str | None = None,
+    answer_field: str | None = None,
+) -> dict[str, list[Problem]]:
+    """Problems of each benchmark (first `limit` of each), loaded before any model so a typo fails fast.
+
+    A name is one of data.EVAL_BENCHMARKS, another bundled set (its test split: "gsm8k" is gsm8k_test,
+    "arithmetic" the 200 held-out sums), a local .jsonl/.json/.parquet file, or a Hub dataset id.
+    """
+    loaded: dict[str, list[Problem]] = {}
+    for name in dict.fromkeys(names):  # drop repeats, keep order
+        if name not in BUNDLED and "/" not in name and "." not in name:
+            others = [other for other in BUNDLED if other not in EVAL_BENCHMARKS]
+            raise EvaluationError(
+                f"unknown benchmark {name!r}: use one of {', '.join(EVAL_BENCHMARKS)}, another bundled set "
+                f"({', '.join(others)}), or a .jsonl/.json/.parquet file"
+            )
+        try:
+            loaded[name] = load_problems(
+                name, problem_field=problem_field, answer_field=answer_field, split="test", limit=limit
+            )
+        except Exception as error:  # file, field and Hub errors alike: one message naming the benchmark
+            raise EvaluationError(f"benchmark {name!r}: {error}") from error
+    return loaded
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    benchmarks: Sequence[str] = EVAL_BENCHMARKS,
+    settings: EvalSettings | None = None,
+    *,
+    limit: int | None = None,
+    problem_field: str | None = None,
+    answer_field: str | None = None,
+    progress: bool = False,
+) -> dict[str, dict]:
+    """`evaluate_problems` on each benchmark by name: {benchmark: summary with "records"}."""
+    loaded = load_benchmarks(benchmarks, limit=limit, problem_field=problem_field, answer_field=answer_field)
+    return {
+        name: evaluate_problems(model, tokenizer, problems, settings, name=name, progress=progress)
+        for name, problems in loaded.items()
+    }
+
+
+# ---- loading the model ------------------------------------------------------------------------------
+
+
+def check_adapter(adapter: str | Path) -> Path:
+    """The adapter folder, or an EvaluationError naming the path (a checkpoint folder gets a hint)."""
+    path = Path(adapter).expanduser()
+    if (path / "adapter_config.json").is_file():
+        return path
+    if not path.exists():
+        raise EvaluationError(f"adapter not found: {path}")
+    if not path.is_dir():
+        raise EvaluationError(f"adapter: {path} is a file; give the PEFT adapter folder that holds it")
+    inside = sorted(p.name for p in path.iterdir() if (p / "adapter_config.json").is_file())
+    if inside:
+        raise EvaluationError(
+            f"adapter: {path} is a checkpoint holding the adapters {', '.join(inside)}; pass one of them, "
+            f"e.g. {path / inside[0]}"
+        )
+    raise EvaluationError(f"adapter: {path} is not a PEFT adapter folder (no adapter_config.json)")
+
+
+def run_config_of(adapter: Path) -> Config | None:
+    """The training config of the run an adapter came from (run/checkpoints/step-N/policy), if any."""
+    resolved = adapter.resolve()
+    if resolved.parent.parent.name != "checkpoints":
+        return None
+    path = resolved.parent.parent.parent / "config.yaml"
+    return load_config(path) if path.is_file() else None
+
+
+def load_model(config: Config, adapter: str | Path | None = None):
+    """(model, tokenizer, device): the base as `model.load_policy` loads it, plus a trained adapter.
+
+    Same source resolution (Hub id, folder, GGUF, embedded) and the same NF4 settings as training, so
+    an adapter is evaluated on the base it was trained on; but no fresh LoRA and no gradient
+    checkpointing, because nothing here is trained.
+    """
+    from peft import PeftModel  # imported here: peft and transformers are slow to import
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    adapter_path = check_adapter(adapter) if adapter is not None else None  # before the slow load
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    source = resolve_model_source(config)
+    tokenizer = load_tokenizer(source, config)
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": config.trust_remote_code}
+    if config.qlora:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as error:
+        raise ModelError(f"model: cannot load {config.model!r}: {error}") from None
+    if not config.qlora:
+        model.to(device)
+    model.requires_grad_(False)
+    if adapter_path is not None:
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter_path))
+        except (RuntimeError, ValueError, KeyError) as error:  # shape mismatch: trained on another base
+            raise EvaluationError(
+                f"adapter {adapter_path} does not fit model {config.model!r}: {error}"
+            ) from None
+    model.eval()
+    return model, tokenizer, device
+
+
+# ---- command line -----------------------------------------------------------------------------------
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(value < 1 for value in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m popo_lite.evaluate",
+        description="Evaluate a base model, or a base plus a trained LoRA adapter, on math benchmarks: "
+        "greedy pass@1 by default; avg@n and unbiased pass@k with --temperature > 0 and --n > 1. "
+        "Writes results.json, results.md and records.jsonl into --output.",
+    )
+    add = parser.add_argument
+    add(
+        "--model",
+        help="Hub id, local folder, .gguf file or 'embedded' (default: the model of the run "
+        "that --adapter comes from, else 'embedded').",
+    )
+    add("--adapter", help="PEFT adapter folder, e.g. runs/NAME/checkpoints/step-000006/policy (or /ema).")
+    add(
+        "--qlora",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Load the base in 4-bit NF4, as training with --qlora did (default: as the adapter's run).",
+    )
+    add("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="Base dtype (default auto).")
+    add("--device", help="auto (default), cpu, cuda or cuda:N.")
+    add(
+        "--benchmarks",
+        default=",".join(EVAL_BENCHMARKS),
+        help="Comma list of benchmark names or files (default: %(default)s).",
+    )
+    add("--problem_field", help="Question field of a benchmark file (default: problem/question/prompt).")
+    add(
+        "--answer_field",
+        help="Gold-answer field of a benchmark file (default: answer/final_answer/solution).",
+    )
+    add("--limit", type=int, help="Evaluate only the first N problems of each benchmark.")
+    add(
+        "--preset",
+        choices=("reference",),
+        help="reference = the POPO protocol's sampling: n 16, temperature 0.7, top_p 0.95, 4096 new "
+        "tokens, qwen_math prompt; options given explicitly override it.",
+    )
+    add("--n", type=int, help="Samples per problem (default 1; needs --temperature > 0 when above 1).")
+    add("--temperature", type=float, help="0 = greedy (default); > 0 samples.")
+    add("--top_p", type=float, help="Nucleus threshold when sampling (default 1.0).")
+    add("--max_new_tokens", type=int, help="Longest completion in tokens (default 1024).")
+    add(
+        "--prompt_template",
+        choices=("auto", *TEMPLATES),
+        help="auto (default) = the adapter's training template when its run is known, else 'chat' for the "
+        "embedded instruct model (the prompt it and the default training run know) and 'qwen_math' (the "
+        "reference prompt) for any other model.",
+    )
+    add("--batch_size", type=int, help="Completions generated at once (default 32).")
+    add("--max_prompt_tokens", type=int, help="Prompts longer than this are cut (default 4096).")
+    add("--k", type=_int_list, help="pass@k values, comma list (default: powers of 2 up to --n).")
+    add("--output", help="Output folder (default: runs/eval-<timestamp>); must be new or empty.")
+    add("--seed", type=int, help="Sampling seed, reset for every benchmark (default 0).")
+    add("--trust_remote_code", action="store_true", help="Allow custom model code from the Hub.")
+    return parser
+
+
+def _model_config(args: argparse.Namespace, run_config: Config | None) -> Config:
+    """The base-model fields of a Config: explicit options over the adapter's run config over defaults."""
+    base = run_config or Config()
+    overrides = {
+        "model": args.model or base.model,
+        "gguf_file": base.gguf_file if args.model is None else None,
+        "qlora": base.qlora if args.qlora is None else args.qlora,
+        "dtype": args.dtype or base.dtype,
+        "device": args.device or "auto",
+        "trust_remote_code": args.trust_remote_code or base.trust_remote_code,
+    }
+    return load_config(None, overrides)
+
+
+def _settings(args: argparse.Namespace, config: Config, run_config: Config | None) -> EvalSettings:
+    values: dict = dict(REFERENCE) if args.preset == "reference" else {}
+    for name in ("n", "temperature", "top_p", "max_new_tokens", "batch_size", "max_prompt_tokens", "seed"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    template = args.prompt_template or values.get("prompt_template", "auto")
+    if template == "auto":
+        if run_config is not None:
+            template = run_config.prompt_template
+        else:
+            template = "chat" if config.model == EMBEDDED_MODEL else "qwen_math"
+    values["prompt_template"] = template
+    n = values.get("n", 1)
+    if args.k:
+        if too_many := [k for k in args.k if k > n]:
+            raise EvaluationError(f"--k {too_many[0]} needs at least {too_many[0]} samples, but --n is {n}")
+        values["ks"] = tuple(args.k)
+    return EvalSettings(**values)
+
+
+def _output_folder(output: str | None) -> Path:
+    folder = Path(output or f"runs/eval-{datetime.now():%Y%m%d-%H%M%S}")
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise EvaluationError(f"output {folder} already exists and is not empty: choose another --output")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _write_results(folder: Path, header: dict, results: dict[str, dict], settings: EvalSettings) -> str:
+    """results.json and results.md with the benchmarks done so far (rewritten after each one)."""
+    (folder / "results.json").write_text(json.dumps({"settings": header, "benchmarks": results}, indent=2))
+    title = f"{header['model']}" + (f" + adapter {header['adapter']}" if header["adapter"] else "")
+    knobs = ", ".join(f"{key} {header[key]}" for key in ("n", "temperature", "top_p", "max_new_tokens"))
+    table = markdown_table(results)
+    text = f"# Evaluation of {title}\n\n{knobs}, prompt {settings.prompt_template}, seed {settings.seed}\n\n"
+    (folder / "results.md").write_text(text + table + "\n")
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.limit is not None and args.limit < 1:
+            raise EvaluationError(f"--limit must be >= 1, got {args.limit}")
+        adapter = check_adapter(args.adapter) if args.adapter else None
+        run_config = run_config_of(adapter) if adapter is not None else None
+        config = _model_config(args, run_config)
+        settings = _settings(args, config, run_config)
+        names = [name.strip() for name in args.benchmarks.split(",") if name.strip()]
+        if not names:
+            raise EvaluationError("--benchmarks names no benchmark")
+        benchmarks = load_benchmarks(
+            names, limit=args.limit, problem_field=args.problem_field, answer_field=args.answer_field
+        )
+        folder = _output_folder(args.output)
+        started = time.perf_counter()
+        model, tokenizer, device = load_model(config, adapter)
+        header = {
+            "model": config.model,
+            "adapter": str(adapter) if adapter else None,
+            "qlora": config.qlora,
+            "device": str(device),
+            "benchmarks": list(benchmarks),
+            "limit": args.limit,
+            **dataclasses.asdict(settings),
+            "started": datetime.now().isoformat(timespec="seconds"),
+        }
+        results: dict[str, dict] = {}
+        for name, problems in benchmarks.items():
+            result = evaluate_problems(model, tokenizer, problems, settings, name=name, progress=True)
+            with open(folder / "records.jsonl", "a") as handle:
+                handle.writelines(json.dumps(record) + "\n" for record in result.pop("records"))
+            results[name] = result
+            table = _write_results(folder, header, results, settings)
+        header["seconds"] = time.perf_counter() - started
+        table = _write_results(folder, header, results, settings)
+    except (EvaluationError, ConfigError, ModelError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(table)
+    print(f"\nresults in {folder} ({header['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""The processes that write run directories: training and evaluation jobs, started from the panel.
+
+Why it is shaped as it is:
+
+1. A job runs in its own process group (`start_new_session=True`), output to a log file in its run
+   directory, so a reloaded page or a stopped panel never kills it, and math-verify's `signal.alarm`
+   timeouts run on that process's main thread, never on a UI worker thread (MEASURED.md section 3).
+2. A new run is created here (config.yaml written) and started as `popo_lite.train --resume`: the
+   trainer finds no checkpoint and starts at step 0, and the log lives in the run directory from its
+   first byte (a plain start refuses a run directory that already holds a file).
+3. One job per GPU: an exclusive lock file `<root>/.active-<slot>.json` holding the pid, taken with
+   O_EXCL. A lock whose process is gone (ended, crashed, machine rebooted) is stale: the next look
+   clears it, so nothing has to be watching when a job ends. Runs started from the CLI take no lock.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from popo_lite.config import Config, ConfigError, load_config
+from popo_lite.runs import RunsError, check_name, read_config, read_jsonl, resolve_inside, run_path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+LOG_NAME = "train.log"
+STOPPED_LINE = "[panel] stopped by the user"
+
+_CHILDREN: dict[int, subprocess.Popen] = {}  # our own children, polled so that they never linger as zombies
+
+
+def slot_of(device: str) -> str:
+    """The accelerator a run's `device` setting occupies: 'auto' and 'cuda' mean GPU 0."""
+    if device in ("auto", "cuda"):
+        return "gpu0"
+    if str(device).startswith("cuda:"):
+        return "gpu" + str(device).split(":", 1)[1]
+    return "cpu"
+
+
+def _alive(pid: int, module: str) -> bool:
+    """Is `pid` a live (not zombie) process running `module`? The module check guards a recycled pid."""
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        if child.poll() is None:
+            return True
+        del _CHILDREN[pid]  # reaped now, so it does not linger as a zombie
+        return False
+    if not Path("/proc/self").is_dir():  # no procfs: existence is all we can tell
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace")
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X") and module in command
+
+
+def _lock_path(root: Path, slot: str) -> Path:
+    return Path(root) / f".active-{slot}.json"
+
+
+def active_job(root: str | Path, slot: str) -> dict | None:
+    """The live job holding `slot` ({run, kind, pid, module, started}), clearing a stale lock."""
+    path = _lock_path(Path(root), slot)
+    try:
+        job = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        job = {"started": path.stat().st_mtime if path.exists() else 0}  # being written: judge by age
+    pid = job.get("pid")
+    starting = pid is None and time.time() - float(job.get("started", 0)) < 60
+    if starting or (pid is not None and _alive(int(pid), job.get("module", "popo_lite."))):
+        return job
+    path.unlink(missing_ok=True)
+    return None
+
+
+def busy_message(slot: str, job: dict) -> str:
+    return (
+        f"{slot} is busy: {job.get('kind', 'a job')} of run {job.get('run')!r} (pid {job.get('pid')}) is "
+        "active. Stop it or wait for it to end: one job per GPU at a time."
+    )
+
+
+def _claim(root: Path, slot: str, job: dict) -> Path:
+    """Take `slot` atomically (O_EXCL), or raise RunsError naming the job that holds it."""
+    path = _lock_path(root, slot)
+    for _ in range(2):  # the second try follows the clearing of a stale lock
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = active_job(root, slot)
+            if holder is not None:
+                raise RunsError(busy_message(slot, holder)) from None
+            continue
+        with os.fdopen(descriptor, "w") as handle:
+            json.dump(job, handle)
+        return path
+    raise RunsError(f"could not take the lock {path.name}; try again")
+
+
+def _spawn(root: Path, slot: str, job: dict, command: list[str], log: Path) -> int:
+    """Start `command` detached, output to `log`, holding `slot` for as long as it lives."""
+    lock = _claim(root, slot, {**job, "pid": None, "started": time.time()})
+    try:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
+        with open(log, "ab") as output:
+            child = subprocess.Popen(
+                command,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=env,
+            )
+    except BaseException:
+        lock.unlink(missing_ok=True)
+        raise
+    _CHILDREN[child.pid] = child
+    lock.write_text(json.dumps({**job, "pid": child.pid, "started": time.time()}))
+    return child.pid
+
+
+def launch_run(
+    root: str | Path, name: str, config_text: str = "", overrides: dict | None = None, resume: bool = False
+) -> int:
+    """Create run `name` from YAML text plus overrides (or resume it) and start training; returns the pid."""
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    run_dir = run_path(root, name)
+    if resume:
+        if not (run_dir / "config.yaml").is_file():
+            raise RunsError(f"no run {name!r} to resume")
+        values = {**read_config(run_dir), **(overrides or {})}
+    else:
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise RunsError(f"run {name!r} already exists: pick another run name")
+        try:
+            values = yaml.safe_load(config_text or "") or {}
+        except yaml.YAMLError as error:
+            raise RunsError(f"the config is not valid YAML: {error}") from None
+        if not isinstance(values, dict):
+            raise RunsError("the config must be a mapping of config keys")
+        values.update(overrides or {})
+    values.update(output_dir=str(root), run_name=name)  # the UI decides where a run lives, not the YAML
+    try:
+        config: Config = load_config(None, values)
+    except ConfigError as error:
+        raise RunsError(f"config: {error}") from None
+    slot = slot_of(config.device)
+    holder = active_job(root, slot)
+    if holder is not None:  # checked before anything is written: a refused run leaves no folder behind
+        raise RunsError(busy_message(slot, holder))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.save(run_dir / "config.yaml")
+    command = [sys.executable, "-m", "popo_lite.train", "--config", str(run_dir / "config.yaml"), "--resume"]
+    job = {"run": name, "kind": "training", "module": "popo_lite.train", "log": LOG_NAME}
+    return _spawn(root, slot, job, command, run_dir / LOG_NAME)
+
+
+def stop_run(root: str | Path, name: str, grace_s: float = 10.0) -> str:
+    """Stop the panel-started job of run `name` (its whole process group); returns a message."""
+    root = Path(root).resolve()
+    run_dir = run_path(root, name)
+    slot = slot_of(read_config(run_dir).get("device", "auto"))
+    job = active_job(root, slot)
+    if job is None or job.get("run") != name or job.get("pid") is None:
+        return f"run {name!r} has no active job started from the panel"
+    pid = int(job["pid"])
+    os.killpg(pid, signal.SIGTERM)  # the group: the math-verify helper goes too
+    deadline = time.monotonic() + grace_s
+    while _alive(pid, job.get("module", "popo_lite.")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _alive(pid, job.get("module", "popo_lite.")):
+        os.killpg(pid, signal.SIGKILL)
+    _lock_path(root, slot).unlink(missing_ok=True)
+    log = resolve_inside(root, name, *Path(job.get("log", LOG_NAME)).parts)
+    with open(log, "a") as handle:
+        handle.write(f"\n{STOPPED_LINE} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    return f"stopped {job.get('kind')} of run {name!r} (pid {pid})"
+
+
+# --- evaluation --------------------------------------------------------------------------------------
+
+EVALUATE_MODULE = "popo_lite.evaluate"
+
+
+def evaluate_available() -> bool:
+    """Whether this checkout has the evaluation CLI (`python -m popo_lite.evaluate`)."""
+    return importlib.util.find_spec(EVALUATE_MODULE) is not None
+
+
+def launch_evaluation(
+    root: str | Path,
+    name: str,
+    checkpoint: str,
+    adapter: str,
+    benchmarks: str,
+    limit: int,
+    max_new_tokens: int | None = None,
+) -> str:
+    """Evaluate one adapter of one checkpoint of run `name`; returns the evaluation's folder name.
+
+    Results land in `<run>/evaluations/<folder>/` (results.md, results.json), the log beside it in
+    `<folder>.log` (the evaluator wants a new or empty output folder). The evaluator takes the base model,
+    --qlora and the prompt template from the adapter's run. The job holds the run's GPU slot like
+    training does: both at once need not fit on the card.
+    """
+    if not evaluate_available():
+        raise RunsError(f"{EVALUATE_MODULE} is not in this checkout yet: evaluation cannot run")
+    root = Path(root).resolve()
+    run_dir = run_path(root, name)
+    if adapter not in ("policy", "ema"):
+        raise RunsError(f"adapter must be policy or ema, got {adapter!r}")
+    adapter_dir = resolve_inside(root, name, "checkpoints", check_name(checkpoint, "checkpoint"), adapter)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise RunsError(f"{checkpoint} of run {name!r} has no {adapter} adapter")
+    # Bundled benchmark names only: a file path from the browser would read outside the runs folder.
+    names = [check_name(part.strip(), "benchmark") for part in benchmarks.split(",") if part.strip()]
+    if not names:
+        raise RunsError("name at least one benchmark")
+    if int(limit) < 1 or (max_new_tokens is not None and int(max_new_tokens) < 1):
+        raise RunsError("the problem limit and max new tokens must be >= 1")
+    folder = f"{checkpoint}-{adapter}-{time.strftime('%Y%m%d-%H%M%S')}"
+    output = resolve_inside(root, name, "evaluations", folder)
+    output.parent.mkdir(exist_ok=True)
+    command = [sys.executable, "-m", EVALUATE_MODULE, "--adapter", str(adapter_dir), "--benchmarks",
+               ",".join(names), "--limit", str(int(limit)), "--output", str(output)]  # fmt: skip
+    if max_new_tokens is not None:
+        command += ["--max_new_tokens", str(int(max_new_tokens))]
+    device = read_config(run_dir).get("device", "auto")
+    command += ["--device", str(device)]
+    log = f"evaluations/{folder}.log"
+    job = {"run": name, "kind": "evaluation", "module": EVALUATE_MODULE, "log": log}
+    _spawn(root, slot_of(device), job, command, run_dir / log)
+    return folder
+
+
+def list_evaluations(run_dir: Path) -> list[str]:
+    """Evaluations of a run, newest first (a folder, or only its log while the model loads)."""
+    folder = run_dir / "evaluations"
+    if not folder.is_dir():
+        return []
+    names = {p.name[: -len(".log")] if p.suffix == ".log" else p.name for p in folder.iterdir()}
+    return sorted(names, reverse=True)
+
+
+def evaluation_result(root: str | Path, name: str, folder: str) -> tuple[str, str]:
+    """(state, markdown): done, running or failed, with results.md so far and the log's tail."""
+    check_name(folder, "evaluation")
+    output = resolve_inside(root, name, "evaluations", folder)
+    table = (output / "results.md").read_text(errors="replace") if (output / "results.md").is_file() else ""
+    try:
+        done = "seconds" in json.loads((output / "results.json").read_text())["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        done = False  # results.json is rewritten after each benchmark; "seconds" comes with the last
+    if done:
+        return "done", table
+    job = active_job(root, slot_of(read_config(run_path(root, name)).get("device", "auto"))) or {}
+    running = job.get("kind") == "evaluation" and job.get("log") == f"evaluations/{folder}.log"
+    tail = _tail(resolve_inside(root, name, "evaluations", folder + ".log"), 2500)
+    return ("running" if running else "failed"), f"{table}\n\n```\n{tail}\n```" if tail else table
+
+
+# --- progress ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    run: str
+    step: int
+    total: int
+    state: str  # starting, running, finished, stopped, failed, incomplete
+    eta_seconds: float | None
+    seconds_since_update: float | None
+
+
+def progress(root: str | Path, name: str) -> Progress:
+    run_dir = run_path(root, name)
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    total = int(read_config(run_dir).get("steps") or 0)
+    step = max((int(m.get("step", 0)) for m in metrics), default=0)
+    updated = max(
+        (p.stat().st_mtime for p in (run_dir / "metrics.jsonl", run_dir / LOG_NAME) if p.exists()),
+        default=None,
+    )
+    since = time.time() - updated if updated is not None else None
+    job = active_job(root, slot_of(read_config(run_dir).get("device", "auto"))) or {}
+    live = job.get("run") == name and job.get("kind") == "training"
+    if total and step >= total:
+        state = "finished"
+    elif live:
+        state = "running" if metrics else "starting"
+    else:
+        state = _ended_state(run_dir / LOG_NAME)
+    recent = [float(m["seconds_step"]) for m in metrics[-5:] if "seconds_step" in m]
+    eta = (total - step) * sum(recent) / len(recent) if recent and state == "running" else None
+    return Progress(name, step, total, state, eta, since)
+
+
+def _ended_state(log: Path) -> str:
+    if not log.is_file():
+        return "incomplete"  # e.g. a CLI run: still going or interrupted, nothing here tells which
+    tail = _tail(log, 4000)
+    if STOPPED_LINE in tail:
+        return "stopped"
+    if "Traceback" in tail or "error:" in tail:
+        return "failed"
+    return "incomplete"
+
+
+def log_tail(root: str | Path, name: str, characters: int = 3000) -> str:
+    return _tail(run_path(root, name) / LOG_NAME, characters)
+
+
+def _tail(path: Path, characters: int) -> str:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, path.stat().st_size - characters))
+            return handle.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def active_jobs(root: str | Path) -> list[dict]:
+    """Every live job started from the panel under `root`, each with its `slot`."""
+    base = Path(root)
+    slots = sorted(p.name[len(".active-") : -len(".json")] for p in base.glob(".active-*.json"))
+    return [{**job, "slot": slot} for slot in slots if (job := active_job(base, slot)) is not None]

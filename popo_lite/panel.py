@@ -1,0 +1,479 @@
+"""The web panel (Gradio Blocks): launch runs, watch them live, inspect rollouts, evaluate checkpoints.
+
+A thin shell over run directories (runs.py) and detached jobs (jobs.py). Nothing here imports torch or
+math-verify: the UI process stays light, and math-verify's signal-based timeouts never run on a UI
+worker thread. Every name or path typed or picked in the browser is checked by runs.py against the
+runs root; every text shown from a run (prompts, completions, logs) is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from functools import partial
+from html import escape
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+import yaml
+
+from popo_lite import jobs
+from popo_lite.config import Config
+from popo_lite.runs import (
+    FILTERS,
+    RunsError,
+    check_name,
+    group_rollouts,
+    list_checkpoints,
+    list_runs,
+    read_config,
+    read_jsonl,
+    read_rollouts,
+    resolve_inside,
+    rollout_steps,
+    run_path,
+)
+
+# The Launch form: the main knobs; the YAML editor holds everything else.
+FORM = (
+    "model",
+    "qlora",
+    "algo",
+    "steps",
+    "prompts_per_step",
+    "rollouts_per_prompt",
+    "max_new_tokens",
+    "learning_rate",
+    "temperature",
+    "alpha",
+    "beta_entropy",
+    "tau",
+)
+MODELS = ("embedded", "Qwen/Qwen2.5-Math-1.5B", "Qwen/Qwen2.5-Math-7B")
+# (title, {metric: series label}); POPO and GRPO log different loss terms, both are listed.
+PLOTS = (
+    ("reward", {"reward_mean": "reward"}),
+    ("positive rate", {"positive_rate": "positive rate"}),
+    ("loss", {"loss": "loss"}),
+    ("loss terms", {"nll": "nll", "sim": "sim", "entropy": "entropy", "pg": "pg", "kl": "kl vs base"}),
+    ("cosine policy vs EMA", {"cosine_policy_ema": "cosine"}),
+    ("KL", {"kl_policy_ema": "KL(policy || EMA)", "kl": "KL(policy || base)"}),
+    ("completion length (tokens)", {"completion_length": "length"}),
+    ("tokens / s", {"generation_tokens_per_s": "generation", "train_tokens_per_s": "train"}),
+    ("peak memory (GiB)", {"peak_memory_gib_gpu": "GPU", "peak_memory_gib_rss": "RSS"}),
+)
+CSS = """
+.rollout { border: 1px solid #ccc; border-radius: 6px; padding: 6px 10px; margin: 4px 0; }
+.rollout.positive { border: 2px solid #1a7f37; background: #e9f7ee; }
+.rollout pre { white-space: pre-wrap; margin: 4px 0; font-size: 13px; }
+.badge { font-weight: bold; padding: 1px 6px; border-radius: 4px; }
+.positive .badge { background: #1a7f37; color: white; }
+.negative .badge { background: #ddd; color: #333; }
+.group { margin-bottom: 18px; }
+.group-head { font-weight: bold; }
+.zero { color: #b35900; }
+.bar { background: #eee; border-radius: 4px; height: 14px; margin: 4px 0 10px; }
+.fill { background: #2f6fdf; height: 14px; border-radius: 4px; }
+.token { border-radius: 2px; }
+"""
+
+
+# --- pure renderers ----------------------------------------------------------------------------------
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def render_progress(root: Path, names: list[str]) -> str:
+    """One block per run: step counter, state, ETA and a bar; the log tail when it failed or is starting."""
+    blocks = []
+    for name in names:
+        try:
+            state = jobs.progress(root, name)
+        except RunsError as error:
+            blocks.append(f"<p>{escape(str(error))}</p>")
+            continue
+        share = 100.0 * state.step / state.total if state.total else 0.0
+        eta = f" · ETA {_duration(state.eta_seconds)}" if state.eta_seconds is not None else ""
+        block = (
+            f'<div class="run-progress" data-run="{escape(name)}" data-step="{state.step}" '
+            f'data-state="{state.state}"><b>{escape(name)}</b> · '
+            f'<span class="step-counter">step {state.step} / {state.total}</span> · {state.state}{eta}'
+            f" · last update {_duration(state.seconds_since_update)} ago"
+            f'<div class="bar"><div class="fill" style="width: {share:.1f}%"></div></div>'
+        )
+        if state.state in ("failed", "starting"):
+            block += f"<pre>{escape(jobs.log_tail(root, name, 1500))}</pre>"
+        blocks.append(block + "</div>")
+    return "".join(blocks) or "<p>Pick one or more runs.</p>"
+
+
+def plot_frame(root: Path, names: list[str], series: dict[str, str]) -> pd.DataFrame:
+    """Long format (step, value, series) for a LinePlot; a run's name alone when it has one series."""
+    rows = []
+    for name in names:
+        for record in read_jsonl(run_path(root, name) / "metrics.jsonl"):
+            for key, label in series.items():
+                value = record.get(key)
+                if isinstance(value, int | float) and math.isfinite(value):
+                    line = name if len(series) == 1 else f"{name} · {label}"
+                    rows.append({"step": int(record["step"]), "value": float(value), "series": line})
+    return pd.DataFrame(rows, columns=["step", "value", "series"])
+
+
+def _tokens_html(record: dict) -> str:
+    """Completion tokens coloured by their log-probability (red: unlikely, green: likely)."""
+    tokens, logprobs = record.get("tokens"), record.get("token_logprobs")
+    if not tokens or not logprobs or len(tokens) != len(logprobs):
+        return ""
+    spans = []
+    for token, logprob in zip(tokens, logprobs, strict=True):
+        probability = math.exp(min(0.0, float(logprob)))
+        spans.append(
+            f'<span class="token" title="log p = {float(logprob):.3f}" '
+            f'style="background: hsl({120 * probability:.0f}, 70%, 80%)">{escape(str(token))}</span>'
+        )
+    return "<pre>" + "".join(spans) + "</pre>"
+
+
+def render_rollouts(records: list[dict], view: str, group: str, colour: bool, config: dict) -> str:
+    """Each group: prompt and gold, then all its completions, positives first and marked."""
+    weight_name = "advantage" if config.get("algo") == "grpo" else "POPO weight"
+    groups = group_rollouts(records, view, float(config.get("reward_threshold", 0.0)))
+    if group not in ("all", None, ""):
+        groups = [g for g in groups if str(g.group) == str(group)]
+    if not groups:
+        return "<p>Nothing to show for this step and filter.</p>"
+    missing_tokens = colour and not any("token_logprobs" in r for g in groups for r in g.rollouts)
+    parts = [
+        "<p><i>This run's rollouts.jsonl has no per-token log-probs to colour by.</i></p>"
+    ] * missing_tokens
+    for g in groups:
+        zero = ' <span class="zero">no positive: POPO learns nothing from this group</span>' * (
+            g.positives == 0
+        )
+        parts.append(
+            f'<div class="group" data-group="{g.group}"><div class="group-head">step {g.step} · '
+            f"group {g.group} · problem {escape(g.problem_id)} · {g.positives} positive{zero}</div>"
+            f"<pre>{escape(g.prompt)}</pre><div>gold answer: <code>{escape(g.gold)}</code></div>"
+        )
+        for record in g.rollouts:
+            kind, badge = ("positive", "✓ positive") if record["positive"] else ("negative", "✗")
+            text = (
+                _tokens_html(record) if colour else ""
+            ) or f"<pre>{escape(str(record.get('completion')))}</pre>"
+            parts.append(
+                f'<div class="rollout {kind}"><span class="badge">{badge}</span> '
+                f"reward {float(record.get('reward') or 0):.2f} · {weight_name} "
+                f"{float(record.get('weight') or 0):.3f} · extracted "
+                f"<code>{escape(str(record.get('extracted')))}</code> vs gold "
+                f"<code>{escape(str(record.get('gold')))}</code>{text}</div>"
+            )
+        parts.append("</div>")
+    return "".join(parts)
+
+
+def form_values(text: str) -> dict:
+    """The form's fields as the YAML text sets them (Config defaults for the rest); {} if it won't parse."""
+    try:
+        loaded = yaml.safe_load(text or "") or {}
+    except yaml.YAMLError:
+        return {}
+    if not isinstance(loaded, dict):
+        return {}
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    return {name: loaded.get(name, defaults[name]) for name in FORM}
+
+
+# --- callbacks (root and configs folder bound with functools.partial) -------------------------------
+
+
+def load_config_file(configs: Path, name: str | None) -> tuple:
+    """The chosen file of `configs/` into the editor and the form."""
+    if not name:
+        return gr.skip(), *[gr.skip()] * len(FORM), gr.skip()
+    text = resolve_inside(configs, check_name(name, "config file")).read_text()
+    return text, *sync_form(text)
+
+
+def load_upload(path: str | None) -> str:
+    if not path:
+        return gr.skip()
+    return Path(path).read_text(errors="replace")[:100_000]  # a YAML config, not a data file
+
+
+def sync_form(text: str) -> tuple:
+    """The form follows the YAML; the state remembers what it was filled with, to spot user edits."""
+    values = form_values(text)
+    if not values:
+        return *[gr.skip()] * len(FORM), gr.skip()
+    model = gr.update(value=values["model"], choices=sorted({*MODELS, str(values["model"])}))
+    return model, *[values[name] for name in FORM[1:]], values
+
+
+def start_run(root: Path, text: str, filled: dict, name: str, *form) -> tuple:
+    """Start a run from the editor's YAML, overridden by the form fields the user changed."""
+    overrides = {
+        key: value
+        for key, value in zip(FORM, form, strict=True)
+        if value is not None and value != "" and value != (filled or {}).get(key)
+    }
+    algo = overrides.get("algo") or (filled or {}).get("algo") or "popo"
+    name = (name or "").strip() or f"{algo}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        pid = jobs.launch_run(root, name, text, overrides)
+    except RunsError as error:
+        return f"**Not started.** {escape(str(error))}", gr.skip(), *[gr.skip()] * 3
+    runs = list_runs(root)
+    message = f"Started run **{escape(name)}** (pid {pid}). Follow it in the Watch tab."
+    return (
+        message,
+        name,
+        gr.update(choices=runs, value=[name]),
+        gr.update(choices=runs, value=name),
+        gr.update(choices=runs, value=name),
+    )
+
+
+def stop_job(root: Path, name: str) -> str:
+    """Stop the job of the run named in the box, or the only active job when the box is empty."""
+    active = jobs.active_jobs(root)
+    name = (name or "").strip() or (active[0]["run"] if len(active) == 1 else "")
+    if not name:
+        return "No run named, and not exactly one active job: name the run to stop."
+    try:
+        return escape(jobs.stop_run(root, name))
+    except RunsError as error:
+        return escape(str(error))
+
+
+def jobs_line(root: Path) -> str:
+    active = jobs.active_jobs(root)
+    if not active:
+        return "No job running from this panel."
+    return " · ".join(
+        f"{j['slot']}: {j.get('kind')} of **{escape(str(j.get('run')))}** (pid {j.get('pid')})"
+        for j in active
+    )
+
+
+def refresh_runs(root: Path, known: list[str]) -> tuple:
+    """New run folders (from the panel or the CLI) into the three run pickers; nothing when none."""
+    runs = list_runs(root)
+    if runs == known:
+        return gr.skip(), gr.skip(), gr.skip(), known
+    return gr.update(choices=runs), gr.update(choices=runs), gr.update(choices=runs), runs
+
+
+def watch_tick(root: Path, names: list[str] | None, seen: tuple | None) -> tuple:
+    """Progress every tick; plots only when a watched run logged a new step (no redraw otherwise)."""
+    names = [name for name in (names or []) if name]
+    try:
+        signature = tuple((name, len(read_jsonl(run_path(root, name) / "metrics.jsonl"))) for name in names)
+        plots = [plot_frame(root, names, series) for _, series in PLOTS] if signature != seen else None
+    except RunsError as error:
+        return f"<p>{escape(str(error))}</p>", *[gr.skip()] * len(PLOTS), seen, jobs_line(root)
+    plots = plots if plots is not None else [gr.skip()] * len(PLOTS)
+    return render_progress(root, names), *plots, signature, jobs_line(root)
+
+
+def rollout_run_changed(root: Path, name: str | None) -> tuple:
+    steps = rollout_steps(run_path(root, name)) if name else []
+    return gr.update(choices=steps, value=steps[-1] if steps else None)
+
+
+def rollout_step_changed(root: Path, name: str | None, step: int | None, view: str, colour: bool) -> tuple:
+    if not name or step is None:
+        return gr.update(choices=[("all prompts", "all")], value="all"), "<p>Pick a run and a step.</p>"
+    records = read_rollouts(run_path(root, name), int(step))
+    groups = group_rollouts(records)
+    choices = [("all prompts", "all")] + [
+        (f"group {g.group} · {g.positives}/{len(g.rollouts)} positive · {g.prompt[-60:]}", str(g.group))
+        for g in groups
+    ]
+    return gr.update(choices=choices, value="all"), show_rollouts(root, name, step, "all", view, colour)
+
+
+def show_rollouts(root: Path, name: str | None, step: int | None, group: str, view: str, colour: bool) -> str:
+    if not name or step is None:
+        return "<p>Pick a run and a step.</p>"
+    try:
+        run_dir = run_path(root, name)
+        return render_rollouts(read_rollouts(run_dir, int(step)), view, group, colour, read_config(run_dir))
+    except RunsError as error:
+        return f"<p>{escape(str(error))}</p>"
+
+
+def evaluation_run_changed(root: Path, name: str | None) -> tuple:
+    run_dir = run_path(root, name) if name else None
+    checkpoints = list_checkpoints(run_dir) if run_dir else []
+    done = jobs.list_evaluations(run_dir) if run_dir else []
+    return (
+        gr.update(choices=checkpoints, value=checkpoints[0] if checkpoints else None),
+        gr.update(choices=done, value=done[0] if done else None),
+    )
+
+
+def start_evaluation(
+    root: Path, name: str, checkpoint: str, adapter: str, benchmarks: str, limit, tokens
+) -> tuple:
+    try:
+        folder = jobs.launch_evaluation(
+            root, name or "", checkpoint or "", adapter, benchmarks, int(limit or 0), int(tokens or 0) or None
+        )
+    except (RunsError, ValueError) as error:
+        return f"**Not started.** {escape(str(error))}", gr.skip()
+    done = jobs.list_evaluations(run_path(root, name))
+    message = f"Evaluating `{folder}`: the table appears below when it is done."
+    return message, gr.update(choices=done, value=folder)
+
+
+def show_evaluation(root: Path, name: str | None, folder: str | None, shown: str | None) -> tuple:
+    """The evaluation's results.md (partial while it runs, with the log); redrawn only when it changed."""
+    if not name or not folder:
+        return gr.skip(), shown
+    try:
+        state, text = jobs.evaluation_result(root, name, folder)
+    except RunsError as error:
+        state, text = "error", escape(str(error))
+    text = f"**{state}**\n\n{text}"
+    return (gr.skip(), shown) if text == shown else (text, text)
+
+
+# --- layout ------------------------------------------------------------------------------------------
+
+
+def build_panel(root: str | Path, configs: str | Path) -> gr.Blocks:
+    """The four tabs over the runs folder `root`; `configs` holds the YAML recipes offered at launch."""
+    root, configs = Path(root).resolve(), Path(configs).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    recipes = sorted(p.name for p in configs.glob("*.yaml")) if configs.is_dir() else []
+    runs = list_runs(root)
+    with gr.Blocks(title="popo_lite") as panel:
+        gr.Markdown(f"# popo_lite\nRuns folder: `{escape(str(root))}`")
+        known, seen, filled, shown = gr.State(runs), gr.State(None), gr.State({}), gr.State(None)
+        with gr.Tabs():
+            with gr.Tab("Launch", id="launch"):
+                with gr.Row():
+                    recipe = gr.Dropdown(
+                        recipes,
+                        value=recipes[0] if recipes else None,
+                        label="Config from configs/",
+                        elem_id="config-choice",
+                    )
+                    upload = gr.File(label="or upload a YAML config", file_types=[".yaml", ".yml"], height=90)
+                editor = gr.Code(
+                    language="yaml",
+                    lines=12,
+                    label="Config (YAML; the fields below override it)",
+                    elem_id="config-editor",
+                )
+                with gr.Row():
+                    model = gr.Dropdown(list(MODELS), allow_custom_value=True, label="model", scale=3)
+                    qlora = gr.Checkbox(label="--qlora (4-bit base)")
+                    algo = gr.Radio(["popo", "grpo"], label="algorithm", value="popo")
+                with gr.Row():
+                    integers = [gr.Number(label=n, precision=0, minimum=1) for n in FORM[3:7]]
+                with gr.Row():
+                    floats = [gr.Number(label=n, minimum=0) for n in FORM[7:]]
+                with gr.Row():
+                    run_name = gr.Textbox(label="run name (empty: algo-time)", elem_id="run-name", scale=3)
+                    start = gr.Button("Start", variant="primary", elem_id="start-button")
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop-button")
+                launch_message = gr.Markdown(elem_id="launch-message")
+                active = gr.Markdown(jobs_line(root), elem_id="active-jobs")
+            with gr.Tab("Watch", id="watch"):
+                watched = gr.Dropdown(
+                    runs,
+                    value=runs[:1],
+                    multiselect=True,
+                    label="Runs (several overlay)",
+                    elem_id="watch-runs",
+                )
+                progress = gr.HTML(elem_id="progress")
+                plots = []
+                for row in range(0, len(PLOTS), 3):
+                    with gr.Row():
+                        for title, series in PLOTS[row : row + 3]:
+                            plots.append(
+                                gr.LinePlot(
+                                    x="step",
+                                    y="value",
+                                    color="series",
+                                    title=title,
+                                    y_title="",
+                                    height=220,
+                                    elem_id="plot-" + next(iter(series)),
+                                )
+                            )
+            with gr.Tab("Rollouts", id="rollouts"):
+                with gr.Row():
+                    rollout_run = gr.Dropdown(
+                        runs, value=runs[0] if runs else None, label="Run", elem_id="rollout-run"
+                    )
+                    step = gr.Dropdown([], label="Step", elem_id="rollout-step")
+                    group = gr.Dropdown([("all prompts", "all")], value="all", label="Prompt", scale=2)
+                with gr.Row():
+                    view = gr.Radio(list(FILTERS), value="all", label="Show", elem_id="rollout-filter")
+                    colour = gr.Checkbox(label="Colour tokens by log-prob")
+                    reload = gr.Button("Reload steps")
+                inspector = gr.HTML(elem_id="rollout-view")
+            with gr.Tab("Evaluate", id="evaluate"):
+                available = jobs.evaluate_available()
+                gr.Markdown(
+                    "Runs `python -m popo_lite.evaluate` on a checkpoint's adapter as its own process."
+                    if available
+                    else "**Evaluation is not available yet:** `popo_lite.evaluate` is not in this checkout.",
+                    elem_id="evaluate-notice",
+                )
+                with gr.Row():
+                    evaluation_run = gr.Dropdown(runs, value=runs[0] if runs else None, label="Run")
+                    checkpoint = gr.Dropdown([], label="Checkpoint")
+                    adapter = gr.Radio(["policy", "ema"], value="ema", label="Adapter")
+                    benchmarks = gr.Textbox("math500,gsm8k_test", label="Benchmarks (comma-separated)")
+                    limit = gr.Number(20, precision=0, minimum=1, label="Problems per benchmark")
+                    tokens = gr.Number(1024, precision=0, minimum=1, label="Max new tokens")
+                evaluate = gr.Button("Evaluate", variant="primary", interactive=available)
+                evaluation_message = gr.Markdown()
+                evaluation = gr.Dropdown([], label="Evaluation")
+                results = gr.Markdown(elem_id="evaluation-results")
+
+        form = [model, qlora, algo, *integers, *floats]
+        pickers = [watched, rollout_run, evaluation_run]
+        recipe.change(partial(load_config_file, configs), recipe, [editor, *form, filled])
+        panel.load(partial(load_config_file, configs), recipe, [editor, *form, filled])
+        upload.upload(load_upload, upload, editor)
+        editor.blur(sync_form, editor, [*form, filled])
+        start.click(
+            partial(start_run, root), [editor, filled, run_name, *form], [launch_message, run_name, *pickers]
+        )
+        stop.click(partial(stop_job, root), run_name, launch_message)
+        ticker = gr.Timer(2.0)
+        ticker.tick(partial(refresh_runs, root), known, [*pickers, known])
+        ticker.tick(partial(watch_tick, root), [watched, seen], [progress, *plots, seen, active])
+        redraw = partial(watch_tick, root, seen=None)  # a new selection redraws the plots at once
+        watched.change(redraw, watched, [progress, *plots, seen, active])
+        for trigger in (rollout_run.change, panel.load):
+            trigger(partial(rollout_run_changed, root), rollout_run, step)
+        reload.click(partial(rollout_run_changed, root), rollout_run, step)
+        step.change(
+            partial(rollout_step_changed, root), [rollout_run, step, view, colour], [group, inspector]
+        )
+        for control in (group, view, colour):
+            control.change(partial(show_rollouts, root), [rollout_run, step, group, view, colour], inspector)
+        for trigger in (evaluation_run.change, panel.load):
+            trigger(partial(evaluation_run_changed, root), evaluation_run, [checkpoint, evaluation])
+        evaluate.click(
+            partial(start_evaluation, root),
+            [evaluation_run, checkpoint, adapter, benchmarks, limit, tokens],
+            [evaluation_message, evaluation],
+        )
+        for trigger in (evaluation.change, gr.Timer(3.0).tick):
+            trigger(partial(show_evaluation, root), [evaluation_run, evaluation, shown], [results, shown])
+    return panel
