@@ -46,7 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     from popo_lite.panel import CSS, build_panel  # gradio's import takes seconds: after the arguments
 
     build_panel(args.runs_dir, args.configs_dir).launch(
-        server_name=args.host, server_port=args.port, share=args.share, auth=auth, css=CSS, show_error=True
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        auth=auth,
+        css=CSS,
+        show_error=True,
+        run_history=False,  # it would log every 2-second refresh in the browser
     )
     return 0
 

@@ -124,7 +124,9 @@ def plot_frame(root: Path, names: list[str], series: dict[str, str]) -> pd.DataF
                 if isinstance(value, int | float) and math.isfinite(value):
                     line = name if len(series) == 1 else f"{name} · {label}"
                     rows.append({"step": int(record["step"]), "value": float(value), "series": line})
-    return pd.DataFrame(rows, columns=["step", "value", "series"])
+    # Explicit dtypes: a first, empty frame of objects would make the plot's axes categorical for good.
+    frame = pd.DataFrame(rows, columns=["step", "value", "series"])
+    return frame.astype({"step": "int64", "value": "float64"})
 
 
 def _tokens_html(record: dict) -> str:
@@ -271,21 +273,49 @@ def refresh_runs(root: Path, known: list[str]) -> tuple:
     return gr.update(choices=runs), gr.update(choices=runs), gr.update(choices=runs), runs
 
 
+def newest_runs(root: Path) -> tuple:
+    """On page load: every picker offers today's runs, set to the active run (else the newest one)."""
+    runs = list_runs(root)
+    active = [job["run"] for job in jobs.active_jobs(root) if job.get("run") in runs]
+    first = (active or runs or [None])[0]
+    pick = [first] if first else []
+    return (gr.update(choices=runs, value=pick), gr.update(choices=runs, value=first),
+            gr.update(choices=runs, value=first), runs)  # fmt: skip
+
+
 def watch_tick(root: Path, names: list[str] | None, seen: tuple | None) -> tuple:
-    """Progress every tick; plots only when a watched run logged a new step (no redraw otherwise)."""
+    """Progress every tick; plots only when a watched run logged a new step, and once more after that.
+
+    Why once more: the browser shows a LinePlot's data one update late (measured with Gradio 6.31: the
+    chart showed steps 1-2 while step 3 had been sent), so each new state is sent on two ticks.
+    """
     names = [name for name in (names or []) if name]
     try:
         signature = tuple((name, len(read_jsonl(run_path(root, name) / "metrics.jsonl"))) for name in names)
-        plots = [plot_frame(root, names, series) for _, series in PLOTS] if signature != seen else None
     except RunsError as error:
         return f"<p>{escape(str(error))}</p>", *[gr.skip()] * len(PLOTS), seen, jobs_line(root)
-    plots = plots if plots is not None else [gr.skip()] * len(PLOTS)
-    return render_progress(root, names), *plots, signature, jobs_line(root)
+    last, sent = seen if seen else (None, 0)
+    sent = sent + 1 if signature == last else 1
+    if sent > 2:
+        plots = [gr.skip()] * len(PLOTS)
+    else:
+        plots = [_plot_update(plot_frame(root, names, series)) for _, series in PLOTS]
+    return render_progress(root, names), *plots, (signature, min(sent, 3)), jobs_line(root)
 
 
-def rollout_run_changed(root: Path, name: str | None) -> tuple:
+def _plot_update(frame: pd.DataFrame) -> dict:
+    # Gradio 6's LinePlot builds its chart (colour domain included) once, then only swaps the data:
+    # a series absent at the first draw is never drawn. A new `colors_in_legend` makes it rebuild.
+    return gr.update(value=frame, colors_in_legend=sorted(set(frame["series"])))
+
+
+def rollout_run_changed(
+    root: Path, name: str | None, view: str, colour: bool, current: int | None = None
+) -> tuple:
+    """The run's logged steps (keeping the chosen one while it exists, else the latest) and their view."""
     steps = rollout_steps(run_path(root, name)) if name else []
-    return gr.update(choices=steps, value=steps[-1] if steps else None)
+    chosen = current if current in steps else (steps[-1] if steps else None)
+    return gr.update(choices=steps, value=chosen), *rollout_step_changed(root, name, chosen, view, colour)
 
 
 def rollout_step_changed(root: Path, name: str | None, step: int | None, view: str, colour: bool) -> tuple:
@@ -412,7 +442,7 @@ def build_panel(root: str | Path, configs: str | Path) -> gr.Blocks:
                                     elem_id="plot-" + next(iter(series)),
                                 )
                             )
-            with gr.Tab("Rollouts", id="rollouts"):
+            with gr.Tab("Rollouts", id="rollouts") as rollouts_tab:
                 with gr.Row():
                     rollout_run = gr.Dropdown(
                         runs, value=runs[0] if runs else None, label="Run", elem_id="rollout-run"
@@ -454,14 +484,18 @@ def build_panel(root: str | Path, configs: str | Path) -> gr.Blocks:
             partial(start_run, root), [editor, filled, run_name, *form], [launch_message, run_name, *pickers]
         )
         stop.click(partial(stop_job, root), run_name, launch_message)
+        panel.load(partial(newest_runs, root), None, [*pickers, known])
         ticker = gr.Timer(2.0)
         ticker.tick(partial(refresh_runs, root), known, [*pickers, known])
         ticker.tick(partial(watch_tick, root), [watched, seen], [progress, *plots, seen, active])
         redraw = partial(watch_tick, root, seen=None)  # a new selection redraws the plots at once
         watched.change(redraw, watched, [progress, *plots, seen, active])
-        for trigger in (rollout_run.change, panel.load):
-            trigger(partial(rollout_run_changed, root), rollout_run, step)
-        reload.click(partial(rollout_run_changed, root), rollout_run, step)
+        browse = partial(rollout_run_changed, root)
+        rollout_run.change(
+            partial(browse, current=None), [rollout_run, view, colour], [step, group, inspector]
+        )
+        for trigger in (panel.load, reload.click, rollouts_tab.select):
+            trigger(browse, [rollout_run, view, colour, step], [step, group, inspector])
         step.change(
             partial(rollout_step_changed, root), [rollout_run, step, view, colour], [group, inspector]
         )

@@ -16,8 +16,6 @@ import yaml
 from tqdm import tqdm
 
 from popo_lite.config import Config, ConfigError, load_config
-from popo_lite.data import DataError
-from popo_lite.model import ModelError
 
 
 def _value_parser(field: dataclasses.Field):
@@ -68,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                 default=argparse.SUPPRESS,
                 choices=field.metadata.get("choices"),
                 help=help_text,
-                metavar="VALUE",
+                metavar="{" + ",".join(field.metadata["choices"]) + "}"
+                if field.metadata.get("choices")
+                else "VALUE",
             )
     return parser
 
@@ -82,9 +82,16 @@ def main(argv: list[str] | None = None) -> int:
         config_path = saved if saved.is_file() else None
     try:
         config = load_config(config_path, arguments)
-        from popo_lite.trainer import train  # heavy imports only once the config is known to be good
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    # Heavy imports (torch, transformers) only once the config is known to be good: --help stays fast.
+    from popo_lite.data import DataError
+    from popo_lite.model import ModelError
+    from popo_lite.trainer import TrainingError, train
 
-        record: dict = {}
+    record: dict = {}
+    try:
         progress = tqdm(total=config.steps, desc=f"{config.algo} {config.model}", unit="step")
         for record in train(config, resume=resume):
             progress.n = record["step"]
@@ -96,13 +103,13 @@ def main(argv: list[str] | None = None) -> int:
             if "warning" in record:
                 tqdm.write(f"step {record['step']}: {record['warning']}")
         progress.close()
-        if record:
-            print(f"run directory: {record['run_dir']}")
-        else:
-            print(f"nothing to do: the run already has {config.steps} steps")
-    except (ConfigError, DataError, ModelError, FileNotFoundError) as error:
+    except (ConfigError, DataError, ModelError, TrainingError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if record:
+        print(f"run directory: {record['run_dir']}")
+    else:
+        print(f"nothing to do: the run already has {config.steps} steps")
     return 0
 
 

@@ -11,8 +11,10 @@ import json
 import math
 import random
 import resource
+import shutil
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from popo_lite.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from popo_lite.checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint, save_checkpoint
 from popo_lite.config import Config, ConfigError
 from popo_lite.data import Problem, format_prompt, load_problems
 from popo_lite.model import EMA, POLICY, load_policy
@@ -80,7 +82,13 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
     """Drop records after `last_step`, so a resumed run's logs match an uninterrupted run's."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line torn by a kill mid-write
     path.write_text("".join(line + "\n" for line in kept))
 
 
@@ -192,72 +200,124 @@ def train(config: Config, resume: bool = False) -> Iterator[dict]:
     yield from run(prepare(config, resume))
 
 
+class TrainingError(RuntimeError):
+    """A run cannot go on (out of memory, disk full); the message says what to change.
+
+    Raised only between checkpoints: the last complete checkpoint is always left valid.
+    """
+
+
+OOM_ADVICE = {
+    "generation": "lower generation_batch_size (now {generation_batch_size}), max_new_tokens (now "
+    "{max_new_tokens}) or prompts_per_step x rollouts_per_prompt "
+    "(now {prompts_per_step} x {rollouts_per_prompt})",
+    "update": "lower micro_batch_size (now {micro_batch_size}) or max_new_tokens (now {max_new_tokens}), "
+    "keep gradient_checkpointing on (now {gradient_checkpointing}), or use --qlora (now {qlora})",
+}
+
+
+@contextmanager
+def out_of_memory_advice(config: Config, phase: str, last_checkpoint: Path | None) -> Iterator[None]:
+    """Turn a GPU out-of-memory error into one message naming the config fields to lower."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        kept = f"; the last checkpoint ({last_checkpoint}) is intact" if last_checkpoint else ""
+        advice = OOM_ADVICE[phase].format(**config.to_dict())
+        raise TrainingError(f"out of GPU memory during {phase}: {advice}{kept}") from None
+
+
+def update_policy(session: Session, rollouts: Rollouts, rewards: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """Gradients, clipping and one optimizer step; returns (metrics, per-rollout weights or advantages).
+
+    A NaN or infinite loss or gradient skips the step: nothing reaches the adapter, the EMA or a checkpoint.
+    """
+    config = session.config
+    try:
+        if session.predictor is not None:
+            metrics, weights = popo_update(
+                session.model, session.predictor, rollouts, rewards, config, session.noise_generator
+            )
+        else:
+            metrics, weights = grpo_update(session.model, rollouts, rewards, config)
+        grad_norm = torch.nn.utils.clip_grad_norm_(session.trainable, config.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            raise NonFiniteLoss(f"gradient norm is {float(grad_norm)}")
+        session.optimizer.step()
+        metrics["grad_norm"] = float(grad_norm)
+    except NonFiniteLoss as error:
+        metrics, weights = {"skipped": 1.0, "warning": f"step skipped: {error}"}, torch.zeros(rewards.numel())
+    finally:
+        session.optimizer.zero_grad(set_to_none=True)
+    session.scheduler.step()
+    if session.predictor is not None and "skipped" not in metrics:
+        ema_update(session.model, config.tau)
+    return metrics, weights
+
+
+def save(session: Session) -> Path:
+    """Checkpoint the session; a failed write (disk full) removes itself and leaves the last one valid."""
+    extra = {"sampler": session.sampler.state_dict(), "noise_generator": session.noise_generator.get_state()}
+    folder = session.run_dir / "checkpoints"
+    try:
+        return save_checkpoint(
+            folder,
+            session.step,
+            session.model,
+            session.predictor,
+            session.optimizer,
+            session.scheduler,
+            extra,
+            session.adapters,
+        )
+    except OSError as error:
+        shutil.rmtree(folder / f"{checkpoint_name(session.step)}.partial", ignore_errors=True)
+        raise TrainingError(
+            f"could not write the step {session.step} checkpoint ({error}); the last complete checkpoint "
+            f"({latest_checkpoint(folder)}) is intact: free disk space and --resume"
+        ) from None
+
+
 def run(session: Session) -> Iterator[dict]:
     """Advance `session` to `config.steps`, one optimizer step (and one yielded record) at a time."""
-    config, model, tokenizer = session.config, session.model, session.tokenizer
-    predictor, optimizer, scheduler = session.predictor, session.optimizer, session.scheduler
-    run_dir, popo = session.run_dir, config.algo == "popo"
+    config, model, tokenizer, run_dir = session.config, session.model, session.tokenizer, session.run_dir
     while session.step < config.steps:
-        session.step += 1
-        step = session.step
         started = time.perf_counter()
+        last_checkpoint = latest_checkpoint(run_dir / "checkpoints")
         batch = [session.problems[i] for i in session.sampler.take(config.prompts_per_step)]
         prompts = [format_prompt(p.problem, config.prompt_template, tokenizer) for p in batch]
-        rollouts = generate_rollouts(
-            model,
-            tokenizer,
-            prompts,
-            config.rollouts_per_prompt,
-            config.max_new_tokens,
-            config.temperature,
-            config.top_p,
-            config.max_prompt_tokens,
-            config.generation_batch_size,
-        )
+        with out_of_memory_advice(config, "generation", last_checkpoint):
+            rollouts = generate_rollouts(
+                model,
+                tokenizer,
+                prompts,
+                config.rollouts_per_prompt,
+                config.max_new_tokens,
+                config.temperature,
+                config.top_p,
+                config.max_prompt_tokens,
+                config.generation_batch_size,
+            )
         reward_started = time.perf_counter()
         rewards, extracted = score_rollouts(rollouts, batch)
         update_started = time.perf_counter()
-        record: dict = {"step": step, "algo": config.algo}
-        try:
-            if popo:
-                metrics, weights = popo_update(
-                    model, predictor, rollouts, rewards, config, session.noise_generator
-                )
-            else:
-                metrics, weights = grpo_update(model, rollouts, rewards, config)
-            grad_norm = torch.nn.utils.clip_grad_norm_(session.trainable, config.max_grad_norm)
-            if not torch.isfinite(grad_norm):
-                raise NonFiniteLoss(f"gradient norm is {float(grad_norm)}")
-            optimizer.step()
-            record["grad_norm"] = float(grad_norm)
-        except NonFiniteLoss as error:
-            # Nothing of this step reaches the adapter, the EMA or a checkpoint.
-            metrics, weights = {"skipped": 1.0}, torch.zeros(rewards.numel())
-            record["warning"] = f"step skipped: {error}"
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        if popo and "skipped" not in metrics:
-            ema_update(model, config.tau)
+        with out_of_memory_advice(config, "update", last_checkpoint):
+            metrics, weights = update_policy(session, rollouts, rewards)
+        session.step += 1
         update_seconds = time.perf_counter() - update_started
-        if popo and config.kl_every and step % config.kl_every == 0:
+        record = {"step": session.step, "algo": config.algo}
+        if session.predictor is not None and config.kl_every and session.step % config.kl_every == 0:
             record["kl_policy_ema"] = kl_policy_ema(model, rollouts, config)
-
-        lengths = rollouts.completion_mask.sum(1).float()
-        positive = rewards > config.reward_threshold
-        train_tokens = int(rollouts.attention_mask.sum())
+        record.update(step_statistics(rewards, weights, rollouts, config, session.predictor is not None))
+        record.update(metrics)
         memory, memory_kind = peak_memory_gib(session.device)
-        if not positive.any():
-            record["warning"] = "no positive rollout in this step: POPO has nothing to learn from"
         record.update(
             {
-                "reward_mean": float(rewards.mean()),
-                "positive_rate": float(positive.float().mean()),
-                "groups_with_positive": float(positive.any(1).float().mean()),
-                **{key: value for key, value in metrics.items()},
-                "lr": scheduler.get_last_lr()[0],
-                "completion_length": float(lengths.mean()),
+                "lr": session.scheduler.get_last_lr()[0],
                 "generation_tokens_per_s": rollouts.num_completion_tokens / max(rollouts.seconds, 1e-9),
-                "train_tokens_per_s": train_tokens / max(update_seconds, 1e-9),
+                "train_tokens_per_s": int(rollouts.attention_mask.sum()) / max(update_seconds, 1e-9),
                 "seconds_generate": rollouts.seconds,
                 "seconds_reward": update_started - reward_started,
                 "seconds_update": update_seconds,
@@ -265,26 +325,42 @@ def run(session: Session) -> Iterator[dict]:
                 f"peak_memory_gib_{memory_kind}": memory,
             }
         )
-        if popo and positive.any():
-            positive_weights = weights.cpu()[positive.flatten()]
-            record.update(weight_max=float(positive_weights.max()), weight_min=float(positive_weights.min()))
         with open(run_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
         if config.log_rollouts:
             write_rollouts(
-                run_dir / "rollouts.jsonl", step, batch, prompts, rollouts, rewards, weights, extracted
+                run_dir / "rollouts.jsonl",
+                session.step,
+                batch,
+                prompts,
+                rollouts,
+                rewards,
+                weights,
+                extracted,
             )
-        if step == config.steps or (config.save_every and step % config.save_every == 0):
-            extra = {
-                "sampler": session.sampler.state_dict(),
-                "noise_generator": session.noise_generator.get_state(),
-            }
-            saved = save_checkpoint(
-                run_dir / "checkpoints", step, model, predictor, optimizer, scheduler, extra, session.adapters
-            )
-            record["checkpoint"] = str(saved)
+        if session.step == config.steps or (config.save_every and session.step % config.save_every == 0):
+            record["checkpoint"] = str(save(session))
         record["run_dir"] = str(run_dir)
         yield record
+
+
+def step_statistics(
+    rewards: torch.Tensor, weights: torch.Tensor, rollouts: Rollouts, config: Config, popo: bool
+) -> dict:
+    """Reward, positive-set and weight statistics of one step (rewards (B, G), weights (B*G,))."""
+    positive = rewards > config.reward_threshold  # (B, G)
+    stats = {
+        "reward_mean": float(rewards.mean()),
+        "positive_rate": float(positive.float().mean()),
+        "groups_with_positive": float(positive.any(1).float().mean()),
+        "completion_length": float(rollouts.completion_mask.sum(1).float().mean()),
+    }
+    if not positive.any():
+        stats["warning"] = "no positive rollout in this step: POPO has nothing to learn from"
+    elif popo:
+        positive_weights = weights.detach().cpu()[positive.flatten()]
+        stats.update(weight_max=float(positive_weights.max()), weight_min=float(positive_weights.min()))
+    return stats
 
 
 def write_rollouts(

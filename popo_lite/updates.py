@@ -143,7 +143,7 @@ def popo_update(
             entropy_over=config.entropy_over,
         )
         if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"POPO loss is {float(loss)}")
+            raise NonFiniteLoss(f"POPO loss is {loss.item()}")
         (loss / len(micro_batches)).backward()
         for key, value in metrics.items():
             collected[key].append(float(value))
@@ -181,7 +181,7 @@ def grpo_update(
             normalization=config.grpo_normalization,
         )
         if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"GRPO loss is {float(loss)}")
+            raise NonFiniteLoss(f"GRPO loss is {loss.item()}")
         (loss / len(micro_batches)).backward()
         for key, value in metrics.items():
             collected[key].append(float(value))
