@@ -26,7 +26,10 @@ class ConfigError(ValueError):
 
 
 def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
+    metadata = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -131,6 +134,16 @@ class Config:
     micro_batch_size: int = _f(
         16, "Sequences per forward/backward pass (gradient accumulation over the rest)."
     )
+
+    # --- evaluation during training ------------------------------------------------------------------
+    eval_every: int = _f(0, "Evaluate the policy greedily every N steps (and at the last step); 0 = never.")
+    eval_benchmarks: list[str] = _f(
+        ["arithmetic"],
+        "Benchmarks for eval_every: bundled names (aime24, aime25, amc23, math500, minerva_math, "
+        "olympiadbench, gsm8k_test; 'arithmetic' = its 200 held-out sums) or local files.",
+    )
+    eval_limit: int | None = _f(40, "Problems per benchmark in evaluation during training (None = all).")
+    eval_max_new_tokens: int | None = _f(None, "Longest evaluation completion (None = max_new_tokens).")
 
     # --- run ---------------------------------------------------------------------------------------
     output_dir: str = _f("runs", "Folder holding run directories.")

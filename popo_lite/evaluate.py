@@ -1,9 +1,11 @@
 """Evaluation on the math benchmarks: greedy pass@1, or avg@n and unbiased pass@k from n samples.
 
-`python -m popo_lite.evaluate` is a thin shell over `evaluate_problems` / `evaluate_model`, which the
-trainer and the web panel call with the model they already hold: the ACTIVE adapter is what is
-evaluated (wrap the call in `siamese.ema_forward(model)` to evaluate the EMA adapter). How it follows the
-reference protocol (POPO_SPEC.md section 3), and where it departs:
+`python -m popo_lite.evaluate` is a thin shell over `iter_evaluate`; it, `evaluate_model` (benchmarks
+by name) and `evaluate_problems` (problems already loaded) are what the trainer and the web panel call
+with the model they already hold: the ACTIVE adapter is evaluated (wrap the call in
+`siamese.ema_forward(model)` to evaluate the EMA adapter).
+
+How it follows the reference protocol (POPO_SPEC.md section 3), and where it departs:
 
 1. Greedy pass@1 is the default (temperature 0); `--preset reference` samples at temperature 0.7,
    top_p 0.95, up to 4096 new tokens with the qwen_math prompt, but n = 16 rather than 128 by default:
@@ -12,8 +14,8 @@ reference protocol (POPO_SPEC.md section 3), and where it departs:
    thing, including its guards against a restated question counting as an answer.
 3. Sampling reuses `rollouts.generate_rollouts` (top_k off, as in training); greedy decoding has its
    own path because HF `generate` refuses temperature 0 with sampling on.
-4. Each benchmark runs under its own seed inside `torch.random.fork_rng`: its samples do not depend on
-   which benchmarks ran before it, and evaluating mid-training leaves the trainer's RNG stream alone.
+4. Each generation batch gets its own seed inside `torch.random.fork_rng`: samples repeat for the same
+   benchmarks, limit, batch size and seed, and evaluating mid-training leaves the trainer's RNG alone.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -63,7 +65,9 @@ class EvalSettings:
     top_p: float = 1.0  # nucleus threshold when sampling
     max_new_tokens: int = 1024  # the reference's training completion length; the reference eval uses 4096
     prompt_template: str = "qwen_math"  # one of data.TEMPLATES
-    batch_size: int = 32  # completions generated at once (prompts per call = batch_size // n, at least 1)
+    # Completions generated at once (prompts per call = batch_size // n, at least 1). Qwen2.5-Math-7B's
+    # KV cache for 64 x 4.6k tokens is 17 GB: fits beside the weights on one 80 GB GPU.
+    batch_size: int = 64
     ks: tuple[int, ...] = DEFAULT_KS  # pass@k is reported for the k <= n among these
     max_prompt_tokens: int = 4096  # longer prompts are cut (with a warning): set it above every prompt
     seed: int = 0
@@ -181,72 +185,99 @@ def _record(name: str, problem: Problem, prompt: str, texts: list[str], lengths,
     }
 
 
-def evaluate_problems(
+def iter_evaluate(
     model,
     tokenizer,
-    problems: list[Problem],
+    benchmarks: dict[str, list[Problem]],
     settings: EvalSettings | None = None,
     *,
-    name: str = "problems",
     progress: bool = False,
-) -> dict:
-    """Generate, score and summarise one benchmark with the model's active adapter.
+) -> Iterator[tuple[str, dict]]:
+    """Generate, score and summarise each benchmark with the model's active adapter, in order.
 
-    Returns `summarise(...)` plus "seconds" and "records" (one dict per problem, in `problems` order).
+    Yields (name, result) as each benchmark completes; result = `passk.summarise(...)` plus
+    "elapsed_seconds" (since the start: batches are shared) and "records" (one dict per problem, in the
+    benchmark's order). Generation batches run across benchmark boundaries because decoding is
+    memory-bound: one decoding step of the embedded model took 1.2 s for 5 rows and for 35 alike on a
+    loaded 2-core machine, so `--limit 5` on the 7 benchmarks is one batch, not 7.
     """
     settings = settings or EvalSettings()
-    if not problems:
-        raise EvaluationError(f"benchmark {name!r} has no problems")
     if tokenizer.padding_side != "left":
         raise EvaluationError(
             "the tokenizer must pad on the left for batched generation (load_tokenizer does)"
         )
+    for name, problems in benchmarks.items():
+        if not problems:
+            raise EvaluationError(f"benchmark {name!r} has no problems")
     started = time.perf_counter()
-    prompts = [format_prompt(problem.problem, settings.prompt_template, tokenizer) for problem in problems]
-    prompt_tokens = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-    if (too_long := sum(length > settings.max_prompt_tokens for length in prompt_tokens)) > 0:
-        logger.warning("%s: %d prompts exceed max_prompt_tokens and are cut", name, too_long)
-    # Longest first: an out-of-memory batch fails at once, and similar lengths share little padding.
-    order = sorted(range(len(problems)), key=lambda i: -prompt_tokens[i])
+    items = []  # (benchmark, index, prompt): benchmarks in order, the longest prompts of each first
+    for name, problems in benchmarks.items():
+        prompts = [
+            format_prompt(problem.problem, settings.prompt_template, tokenizer) for problem in problems
+        ]
+        lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        if (too_long := sum(length > settings.max_prompt_tokens for length in lengths)) > 0:
+            logger.warning("%s: %d prompts exceed max_prompt_tokens and are cut", name, too_long)
+        # Longest first: an out-of-memory batch fails at once, and similar lengths share little padding.
+        items += [(name, i, prompts[i]) for i in sorted(range(len(problems)), key=lambda i: -lengths[i])]
+    records: dict[str, list[dict]] = {name: [{} for _ in problems] for name, problems in benchmarks.items()}
+    remaining = {name: len(problems) for name, problems in benchmarks.items()}
     per_call = max(1, settings.batch_size // settings.n)
     stop_ids = eos_ids(model, tokenizer)
     device = next(model.parameters()).device
     cuda_devices = [device.index or 0] if device.type == "cuda" else []
-    records: list[dict] = [{} for _ in problems]
-    with (
-        torch.random.fork_rng(devices=cuda_devices),
-        tqdm(total=len(problems), desc=name, unit="problem", disable=not progress) as bar,
-    ):
-        torch.manual_seed(settings.seed)
-        for first in range(0, len(order), per_call):
-            chunk = order[first : first + per_call]
-            chunk_prompts = [prompts[i] for i in chunk]
-            if settings.greedy:
-                rollouts = greedy_rollouts(
-                    model, tokenizer, chunk_prompts, settings.max_new_tokens, settings.max_prompt_tokens
-                )
-            else:
-                rollouts = generate_rollouts(
-                    model,
-                    tokenizer,
-                    chunk_prompts,
-                    settings.n,
-                    settings.max_new_tokens,
-                    settings.temperature,
-                    settings.top_p,
-                    settings.max_prompt_tokens,
-                    settings.batch_size,
-                )
+    with tqdm(total=len(items), desc="evaluating", unit="problem", disable=not progress) as bar:
+        for first in range(0, len(items), per_call):
+            chunk = items[first : first + per_call]
+            # A seed per batch inside fork_rng: reproducible samples, and the caller's RNG (a training
+            # run's) is left exactly where it was.
+            with torch.random.fork_rng(devices=cuda_devices):
+                torch.manual_seed(settings.seed * 1_000_003 + first)
+                rollouts = _generate(model, tokenizer, [prompt for _, _, prompt in chunk], settings)
             lengths, cuts = _lengths_and_cuts(rollouts, stop_ids)
             n = settings.n
-            for j, i in enumerate(chunk):  # rows j*n .. j*n + n - 1 belong to problem i
+            for j, (name, i, prompt) in enumerate(chunk):  # rows j*n .. j*n + n - 1 belong to item j
                 rows = slice(j * n, (j + 1) * n)
-                records[i] = _record(
-                    name, problems[i], prompts[i], rollouts.texts[rows], lengths[rows], cuts[rows]
+                problem = benchmarks[name][i]
+                records[name][i] = _record(
+                    name, problem, prompt, rollouts.texts[rows], lengths[rows], cuts[rows]
                 )
+                remaining[name] -= 1
             bar.update(len(chunk))
-    summary = summarise(records, settings.metric, settings.n, settings.reported_ks)
-    return {**summary, "seconds": time.perf_counter() - started, "records": records}
+            for name in [name for name, left in remaining.items() if left == 0]:
+                del remaining[name]
+                summary = summarise(records[name], settings.metric, settings.n, settings.reported_ks)
+                yield (
+                    name,
+                    {
+                        **summary,
+                        "elapsed_seconds": time.perf_counter() - started,
+                        "records": records.pop(name),
+                    },
+                )
+
+
+def _generate(model, tokenizer, prompts: list[str], settings: EvalSettings) -> Rollouts:
+    if settings.greedy:
+        return greedy_rollouts(model, tokenizer, prompts, settings.max_new_tokens, settings.max_prompt_tokens)
+    return generate_rollouts(
+        model,
+        tokenizer,
+        prompts,
+        settings.n,
+        settings.max_new_tokens,
+        settings.temperature,
+        settings.top_p,
+        settings.max_prompt_tokens,
+        settings.batch_size,
+    )
+
+
+def evaluate_problems(
+    model, tokenizer, problems: list[Problem], settings: EvalSettings | None = None, *, name: str = "problems"
+) -> dict:
+    """One benchmark's result (see `iter_evaluate`) on problems already loaded, e.g. a held-out split."""
+    return dict(iter_evaluate(model, tokenizer, {name: problems}, settings))[name]
 
 
 def load_benchmarks(
@@ -289,12 +320,9 @@ def evaluate_model(
     answer_field: str | None = None,
     progress: bool = False,
 ) -> dict[str, dict]:
-    """`evaluate_problems` on each benchmark by name: {benchmark: summary with "records"}."""
+    """{benchmark: result} for benchmarks given by name (see `load_benchmarks` and `iter_evaluate`)."""
     loaded = load_benchmarks(benchmarks, limit=limit, problem_field=problem_field, answer_field=answer_field)
-    return {
-        name: evaluate_problems(model, tokenizer, problems, settings, name=name, progress=progress)
-        for name, problems in loaded.items()
-    }
+    return dict(iter_evaluate(model, tokenizer, loaded, settings, progress=progress))
 
 
 # ---- loading the model ------------------------------------------------------------------------------
@@ -432,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
         "embedded instruct model (the prompt it and the default training run know) and 'qwen_math' (the "
         "reference prompt) for any other model.",
     )
-    add("--batch_size", type=int, help="Completions generated at once (default 32).")
+    add("--batch_size", type=int, help="Completions generated at once (default 64).")
     add("--max_prompt_tokens", type=int, help="Prompts longer than this are cut (default 4096).")
     add("--k", type=_int_list, help="pass@k values, comma list (default: powers of 2 up to --n).")
     add("--output", help="Output folder (default: runs/eval-<timestamp>); must be new or empty.")
@@ -523,12 +551,11 @@ def main(argv: list[str] | None = None) -> int:
             "started": datetime.now().isoformat(timespec="seconds"),
         }
         results: dict[str, dict] = {}
-        for name, problems in benchmarks.items():
-            result = evaluate_problems(model, tokenizer, problems, settings, name=name, progress=True)
+        for name, result in iter_evaluate(model, tokenizer, benchmarks, settings, progress=True):
             with open(folder / "records.jsonl", "a") as handle:
                 handle.writelines(json.dumps(record) + "\n" for record in result.pop("records"))
             results[name] = result
-            table = _write_results(folder, header, results, settings)
+            _write_results(folder, header, results, settings)
         header["seconds"] = time.perf_counter() - started
         table = _write_results(folder, header, results, settings)
     except (EvaluationError, ConfigError, ModelError, FileNotFoundError) as error:

@@ -263,20 +263,22 @@ def list_evaluations(run_dir: Path) -> list[str]:
 
 
 def evaluation_result(root: str | Path, name: str, folder: str) -> tuple[str, str]:
-    """(state, markdown): done, running or failed, with results.md so far and the log's tail."""
+    """(state, markdown): running, done, stopped or failed, with results.md so far (the evaluator rewrites
+    it after each benchmark) and, unless done, the log's tail."""
     check_name(folder, "evaluation")
     output = resolve_inside(root, name, "evaluations", folder)
     table = (output / "results.md").read_text(errors="replace") if (output / "results.md").is_file() else ""
-    try:
-        done = "seconds" in json.loads((output / "results.json").read_text())["settings"]
-    except (OSError, ValueError, KeyError, TypeError):
-        done = False  # results.json is rewritten after each benchmark; "seconds" comes with the last
-    if done:
-        return "done", table
-    job = active_job(root, slot_of(read_config(run_path(root, name)).get("device", "auto"))) or {}
-    running = job.get("kind") == "evaluation" and job.get("log") == f"evaluations/{folder}.log"
     tail = _tail(resolve_inside(root, name, "evaluations", folder + ".log"), 2500)
-    return ("running" if running else "failed"), f"{table}\n\n```\n{tail}\n```" if tail else table
+    job = active_job(root, slot_of(read_config(run_path(root, name)).get("device", "auto"))) or {}
+    if job.get("kind") == "evaluation" and job.get("log") == f"evaluations/{folder}.log":
+        state = "running"
+    elif STOPPED_LINE in tail:
+        state = "stopped"
+    elif table and "Traceback" not in tail and "error:" not in tail:
+        return "done", table
+    else:
+        state = "failed"
+    return state, f"{table}\n\n```\n{tail}\n```" if tail else table
 
 
 # --- progress ----------------------------------------------------------------------------------------

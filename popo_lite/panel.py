@@ -1,15 +1,14 @@
 """The web panel (Gradio Blocks): launch runs, watch them live, inspect rollouts, evaluate checkpoints.
 
-A thin shell over run directories (runs.py) and detached jobs (jobs.py). Nothing here imports torch or
-math-verify: the UI process stays light, and math-verify's signal-based timeouts never run on a UI
-worker thread. Every name or path typed or picked in the browser is checked by runs.py against the
-runs root; every text shown from a run (prompts, completions, logs) is HTML-escaped.
+A thin shell over run directories (runs.py), detached jobs (jobs.py) and views (views.py). Nothing here
+imports torch or math-verify: the UI process stays light, and math-verify's signal-based timeouts never
+run on a UI worker thread. Every name or path typed or picked in the browser is checked by runs.py
+against the runs root, whichever callback receives it: a crafted request can send what no dropdown
+offers.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import time
 from functools import partial
 from html import escape
@@ -17,10 +16,8 @@ from pathlib import Path
 
 import gradio as gr
 import pandas as pd
-import yaml
 
 from popo_lite import jobs
-from popo_lite.config import Config
 from popo_lite.runs import (
     FILTERS,
     RunsError,
@@ -35,162 +32,18 @@ from popo_lite.runs import (
     rollout_steps,
     run_path,
 )
-
-# The Launch form: the main knobs; the YAML editor holds everything else.
-FORM = (
-    "model",
-    "qlora",
-    "algo",
-    "steps",
-    "prompts_per_step",
-    "rollouts_per_prompt",
-    "max_new_tokens",
-    "learning_rate",
-    "temperature",
-    "alpha",
-    "beta_entropy",
-    "tau",
+from popo_lite.views import (
+    CSS,
+    FORM,
+    MODELS,
+    PLOTS,
+    form_values,
+    plot_frame,
+    render_progress,
+    render_rollouts,
 )
-MODELS = ("embedded", "Qwen/Qwen2.5-Math-1.5B", "Qwen/Qwen2.5-Math-7B")
-# (title, {metric: series label}); POPO and GRPO log different loss terms, both are listed.
-PLOTS = (
-    ("reward", {"reward_mean": "reward"}),
-    ("positive rate", {"positive_rate": "positive rate"}),
-    ("loss", {"loss": "loss"}),
-    ("loss terms", {"nll": "nll", "sim": "sim", "entropy": "entropy", "pg": "pg", "kl": "kl vs base"}),
-    ("cosine policy vs EMA", {"cosine_policy_ema": "cosine"}),
-    ("KL", {"kl_policy_ema": "KL(policy || EMA)", "kl": "KL(policy || base)"}),
-    ("completion length (tokens)", {"completion_length": "length"}),
-    ("tokens / s", {"generation_tokens_per_s": "generation", "train_tokens_per_s": "train"}),
-    ("peak memory (GiB)", {"peak_memory_gib_gpu": "GPU", "peak_memory_gib_rss": "RSS"}),
-)
-CSS = """
-.rollout { border: 1px solid #ccc; border-radius: 6px; padding: 6px 10px; margin: 4px 0; }
-.rollout.positive { border: 2px solid #1a7f37; background: #e9f7ee; }
-.rollout pre { white-space: pre-wrap; margin: 4px 0; font-size: 13px; }
-.badge { font-weight: bold; padding: 1px 6px; border-radius: 4px; }
-.positive .badge { background: #1a7f37; color: white; }
-.negative .badge { background: #ddd; color: #333; }
-.group { margin-bottom: 18px; }
-.group-head { font-weight: bold; }
-.zero { color: #b35900; }
-.bar { background: #eee; border-radius: 4px; height: 14px; margin: 4px 0 10px; }
-.fill { background: #2f6fdf; height: 14px; border-radius: 4px; }
-.token { border-radius: 2px; }
-"""
 
-
-# --- pure renderers ----------------------------------------------------------------------------------
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def render_progress(root: Path, names: list[str]) -> str:
-    """One block per run: step counter, state, ETA and a bar; the log tail when it failed or is starting."""
-    blocks = []
-    for name in names:
-        try:
-            state = jobs.progress(root, name)
-        except RunsError as error:
-            blocks.append(f"<p>{escape(str(error))}</p>")
-            continue
-        share = 100.0 * state.step / state.total if state.total else 0.0
-        eta = f" · ETA {_duration(state.eta_seconds)}" if state.eta_seconds is not None else ""
-        block = (
-            f'<div class="run-progress" data-run="{escape(name)}" data-step="{state.step}" '
-            f'data-state="{state.state}"><b>{escape(name)}</b> · '
-            f'<span class="step-counter">step {state.step} / {state.total}</span> · {state.state}{eta}'
-            f" · last update {_duration(state.seconds_since_update)} ago"
-            f'<div class="bar"><div class="fill" style="width: {share:.1f}%"></div></div>'
-        )
-        if state.state in ("failed", "starting"):
-            block += f"<pre>{escape(jobs.log_tail(root, name, 1500))}</pre>"
-        blocks.append(block + "</div>")
-    return "".join(blocks) or "<p>Pick one or more runs.</p>"
-
-
-def plot_frame(root: Path, names: list[str], series: dict[str, str]) -> pd.DataFrame:
-    """Long format (step, value, series) for a LinePlot; a run's name alone when it has one series."""
-    rows = []
-    for name in names:
-        for record in read_jsonl(run_path(root, name) / "metrics.jsonl"):
-            for key, label in series.items():
-                value = record.get(key)
-                if isinstance(value, int | float) and math.isfinite(value):
-                    line = name if len(series) == 1 else f"{name} · {label}"
-                    rows.append({"step": int(record["step"]), "value": float(value), "series": line})
-    # Explicit dtypes: a first, empty frame of objects would make the plot's axes categorical for good.
-    frame = pd.DataFrame(rows, columns=["step", "value", "series"])
-    return frame.astype({"step": "int64", "value": "float64"})
-
-
-def _tokens_html(record: dict) -> str:
-    """Completion tokens coloured by their log-probability (red: unlikely, green: likely)."""
-    tokens, logprobs = record.get("tokens"), record.get("token_logprobs")
-    if not tokens or not logprobs or len(tokens) != len(logprobs):
-        return ""
-    spans = []
-    for token, logprob in zip(tokens, logprobs, strict=True):
-        probability = math.exp(min(0.0, float(logprob)))
-        spans.append(
-            f'<span class="token" title="log p = {float(logprob):.3f}" '
-            f'style="background: hsl({120 * probability:.0f}, 70%, 80%)">{escape(str(token))}</span>'
-        )
-    return "<pre>" + "".join(spans) + "</pre>"
-
-
-def render_rollouts(records: list[dict], view: str, group: str, colour: bool, config: dict) -> str:
-    """Each group: prompt and gold, then all its completions, positives first and marked."""
-    weight_name = "advantage" if config.get("algo") == "grpo" else "POPO weight"
-    groups = group_rollouts(records, view, float(config.get("reward_threshold", 0.0)))
-    if group not in ("all", None, ""):
-        groups = [g for g in groups if str(g.group) == str(group)]
-    if not groups:
-        return "<p>Nothing to show for this step and filter.</p>"
-    missing_tokens = colour and not any("token_logprobs" in r for g in groups for r in g.rollouts)
-    parts = [
-        "<p><i>This run's rollouts.jsonl has no per-token log-probs to colour by.</i></p>"
-    ] * missing_tokens
-    for g in groups:
-        zero = ' <span class="zero">no positive: POPO learns nothing from this group</span>' * (
-            g.positives == 0
-        )
-        parts.append(
-            f'<div class="group" data-group="{g.group}"><div class="group-head">step {g.step} · '
-            f"group {g.group} · problem {escape(g.problem_id)} · {g.positives} positive{zero}</div>"
-            f"<pre>{escape(g.prompt)}</pre><div>gold answer: <code>{escape(g.gold)}</code></div>"
-        )
-        for record in g.rollouts:
-            kind, badge = ("positive", "✓ positive") if record["positive"] else ("negative", "✗")
-            text = (
-                _tokens_html(record) if colour else ""
-            ) or f"<pre>{escape(str(record.get('completion')))}</pre>"
-            parts.append(
-                f'<div class="rollout {kind}"><span class="badge">{badge}</span> '
-                f"reward {float(record.get('reward') or 0):.2f} · {weight_name} "
-                f"{float(record.get('weight') or 0):.3f} · extracted "
-                f"<code>{escape(str(record.get('extracted')))}</code> vs gold "
-                f"<code>{escape(str(record.get('gold')))}</code>{text}</div>"
-            )
-        parts.append("</div>")
-    return "".join(parts)
-
-
-def form_values(text: str) -> dict:
-    """The form's fields as the YAML text sets them (Config defaults for the rest); {} if it won't parse."""
-    try:
-        loaded = yaml.safe_load(text or "") or {}
-    except yaml.YAMLError:
-        return {}
-    if not isinstance(loaded, dict):
-        return {}
-    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
-    return {name: loaded.get(name, defaults[name]) for name in FORM}
+__all__ = ["CSS", "build_panel"]
 
 
 # --- callbacks (root and configs folder bound with functools.partial) -------------------------------
@@ -200,14 +53,19 @@ def load_config_file(configs: Path, name: str | None) -> tuple:
     """The chosen file of `configs/` into the editor and the form."""
     if not name:
         return gr.skip(), *[gr.skip()] * len(FORM), gr.skip()
-    text = resolve_inside(configs, check_name(name, "config file")).read_text()
+    try:
+        text = resolve_inside(configs, check_name(name, "config file")).read_text()
+    except (RunsError, OSError) as error:
+        raise gr.Error(str(error)) from None
     return text, *sync_form(text)
 
 
-def load_upload(path: str | None) -> str:
+def load_upload(path: str | None) -> tuple:
+    """An uploaded YAML into the editor and the form (Gradio keeps the upload in its own temp folder)."""
     if not path:
-        return gr.skip()
-    return Path(path).read_text(errors="replace")[:100_000]  # a YAML config, not a data file
+        return gr.skip(), *[gr.skip()] * len(FORM), gr.skip()
+    text = Path(path).read_text(errors="replace")[:100_000]  # a config, not a data file
+    return text, *sync_form(text)
 
 
 def sync_form(text: str) -> tuple:
@@ -241,6 +99,15 @@ def start_run(root: Path, text: str, filled: dict, name: str, *form) -> tuple:
         gr.update(choices=runs, value=name),
         gr.update(choices=runs, value=name),
     )
+
+
+def resume_run(root: Path, name: str) -> str:
+    """Continue the named run from its last checkpoint, with its own config.yaml."""
+    try:
+        pid = jobs.launch_run(root, (name or "").strip(), resume=True)
+    except RunsError as error:
+        return f"**Not resumed.** {escape(str(error))}"
+    return f"Resumed run **{escape(name.strip())}** (pid {pid})."
 
 
 def stop_job(root: Path, name: str) -> str:
@@ -372,7 +239,7 @@ def show_evaluation(root: Path, name: str | None, folder: str | None, shown: str
         state, text = jobs.evaluation_result(root, name, folder)
     except RunsError as error:
         state, text = "error", escape(str(error))
-    text = f"**{state}**\n\n{text}"
+    text = f"**Evaluation {state}.**\n\n{text}"
     return (gr.skip(), shown) if text == shown else (text, text)
 
 
@@ -415,6 +282,7 @@ def build_panel(root: str | Path, configs: str | Path) -> gr.Blocks:
                 with gr.Row():
                     run_name = gr.Textbox(label="run name (empty: algo-time)", elem_id="run-name", scale=3)
                     start = gr.Button("Start", variant="primary", elem_id="start-button")
+                    resume = gr.Button("Resume", elem_id="resume-button")
                     stop = gr.Button("Stop", variant="stop", elem_id="stop-button")
                 launch_message = gr.Markdown(elem_id="launch-message")
                 active = gr.Markdown(jobs_line(root), elem_id="active-jobs")
@@ -437,7 +305,7 @@ def build_panel(root: str | Path, configs: str | Path) -> gr.Blocks:
                                     y="value",
                                     color="series",
                                     title=title,
-                                    y_title="",
+                                    y_title=" ",  # the title says what it is
                                     height=220,
                                     elem_id="plot-" + next(iter(series)),
                                 )
@@ -454,7 +322,7 @@ def build_panel(root: str | Path, configs: str | Path) -> gr.Blocks:
                     colour = gr.Checkbox(label="Colour tokens by log-prob")
                     reload = gr.Button("Reload steps")
                 inspector = gr.HTML(elem_id="rollout-view")
-            with gr.Tab("Evaluate", id="evaluate"):
+            with gr.Tab("Evaluate", id="evaluate") as evaluate_tab:
                 available = jobs.evaluate_available()
                 gr.Markdown(
                     "Runs `python -m popo_lite.evaluate` on a checkpoint's adapter as its own process."
@@ -464,7 +332,7 @@ def build_panel(root: str | Path, configs: str | Path) -> gr.Blocks:
                 )
                 with gr.Row():
                     evaluation_run = gr.Dropdown(runs, value=runs[0] if runs else None, label="Run")
-                    checkpoint = gr.Dropdown([], label="Checkpoint")
+                    checkpoint = gr.Dropdown([], label="Checkpoint", elem_id="evaluation-checkpoint")
                     adapter = gr.Radio(["policy", "ema"], value="ema", label="Adapter")
                     benchmarks = gr.Textbox("math500,gsm8k_test", label="Benchmarks (comma-separated)")
                     limit = gr.Number(20, precision=0, minimum=1, label="Problems per benchmark")
@@ -478,11 +346,12 @@ def build_panel(root: str | Path, configs: str | Path) -> gr.Blocks:
         pickers = [watched, rollout_run, evaluation_run]
         recipe.change(partial(load_config_file, configs), recipe, [editor, *form, filled])
         panel.load(partial(load_config_file, configs), recipe, [editor, *form, filled])
-        upload.upload(load_upload, upload, editor)
+        upload.upload(load_upload, upload, [editor, *form, filled])
         editor.blur(sync_form, editor, [*form, filled])
         start.click(
             partial(start_run, root), [editor, filled, run_name, *form], [launch_message, run_name, *pickers]
         )
+        resume.click(partial(resume_run, root), run_name, launch_message)
         stop.click(partial(stop_job, root), run_name, launch_message)
         panel.load(partial(newest_runs, root), None, [*pickers, known])
         ticker = gr.Timer(2.0)
@@ -491,9 +360,7 @@ def build_panel(root: str | Path, configs: str | Path) -> gr.Blocks:
         redraw = partial(watch_tick, root, seen=None)  # a new selection redraws the plots at once
         watched.change(redraw, watched, [progress, *plots, seen, active])
         browse = partial(rollout_run_changed, root)
-        rollout_run.change(
-            partial(browse, current=None), [rollout_run, view, colour], [step, group, inspector]
-        )
+        rollout_run.change(browse, [rollout_run, view, colour], [step, group, inspector])  # latest step
         for trigger in (panel.load, reload.click, rollouts_tab.select):
             trigger(browse, [rollout_run, view, colour, step], [step, group, inspector])
         step.change(
@@ -501,7 +368,7 @@ def build_panel(root: str | Path, configs: str | Path) -> gr.Blocks:
         )
         for control in (group, view, colour):
             control.change(partial(show_rollouts, root), [rollout_run, step, group, view, colour], inspector)
-        for trigger in (evaluation_run.change, panel.load):
+        for trigger in (evaluation_run.change, panel.load, evaluate_tab.select):
             trigger(partial(evaluation_run_changed, root), evaluation_run, [checkpoint, evaluation])
         evaluate.click(
             partial(start_evaluation, root),

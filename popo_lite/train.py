@@ -29,10 +29,12 @@ def _value_parser(field: dataclasses.Field):
             return int(text)
         if "float" in kinds:
             return float(text)
-        if any(kind.startswith("list") for kind in kinds) and text.startswith("["):
-            return yaml.safe_load(text)
-        if "list[int]" in kinds:
-            return [int(part) for part in text.split(",")]
+        if any(kind.startswith("list") for kind in kinds):
+            if text.startswith("["):
+                return yaml.safe_load(text)
+            if "," in text or "str" not in kinds:  # "a,b" is a list; a lone "all-linear" stays a string
+                items = [item.strip() for item in text.split(",") if item.strip()]
+                return [int(item) for item in items] if "list[int]" in kinds else items
         return text
 
     parse.__name__ = kinds[0]  # argparse names the type in its error message
@@ -52,9 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Continue the run named by --run_name (or the config) from its last checkpoint.",
     )
+    defaults = Config()
     for field in dataclasses.fields(Config):
         option = "--" + field.name
-        help_text = field.metadata["help"] + f" (default: {field.default!r})"
+        help_text = field.metadata["help"] + f" (default: {getattr(defaults, field.name)!r})"
         if field.type == "bool":
             parser.add_argument(
                 option, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text

@@ -22,9 +22,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from popo_lite.checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint, save_checkpoint
+from popo_lite.checkpoint import (
+    checkpoint_name,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from popo_lite.config import Config, ConfigError
 from popo_lite.data import Problem, format_prompt, load_problems
+from popo_lite.evaluate import EvalSettings, evaluate_problems, load_benchmarks
 from popo_lite.model import EMA, POLICY, load_policy
 from popo_lite.rewards import score
 from popo_lite.rollouts import Rollouts, generate_rollouts
@@ -136,6 +144,7 @@ class Session:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     sampler: PromptSampler
     noise_generator: torch.Generator
+    eval_problems: dict[str, list[Problem]]
     step: int = 0
 
     @property
@@ -156,6 +165,14 @@ def prepare(config: Config, resume: bool = False) -> Session:
         raise ConfigError(
             f"dataset {config.dataset!r} has {len(problems)} problems, fewer than "
             f"prompts_per_step={config.prompts_per_step}"
+        )
+    eval_problems = {}
+    if config.eval_every:  # loaded up front: a benchmark typo fails before the model loads
+        eval_problems = load_benchmarks(  # local files use the training set's field names
+            config.eval_benchmarks,
+            limit=config.eval_limit,
+            problem_field=config.problem_field,
+            answer_field=config.answer_field,
         )
     run_dir = run_directory(config, resume)
     seed_everything(config.seed)
@@ -184,6 +201,7 @@ def prepare(config: Config, resume: bool = False) -> Session:
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config)),
         sampler=PromptSampler(len(problems), config.seed),
         noise_generator=torch.Generator().manual_seed(config.seed),
+        eval_problems=eval_problems,
     )
     if resume and (last := latest_checkpoint(run_dir / "checkpoints")) is not None:
         state = load_checkpoint(last, model, predictor, optimizer, session.scheduler, session.adapters)
@@ -338,10 +356,41 @@ def run(session: Session) -> Iterator[dict]:
                 weights,
                 extracted,
             )
+        if config.eval_every and (session.step % config.eval_every == 0 or session.step == config.steps):
+            record.update(evaluate_during_training(session))
         if session.step == config.steps or (config.save_every and session.step % config.save_every == 0):
             record["checkpoint"] = str(save(session))
         record["run_dir"] = str(run_dir)
         yield record
+
+
+def evaluate_during_training(session: Session) -> dict[str, float]:
+    """Greedy pass@1 of the policy on each eval benchmark; full results in `eval/step-NNNNNN.json`.
+
+    Runs on the training process's main thread (math-verify's timeouts need it) and restores the RNG,
+    so a run with evaluation samples the same rollouts as one without.
+    """
+    config = session.config
+    settings = EvalSettings(
+        max_new_tokens=config.eval_max_new_tokens or config.max_new_tokens,
+        prompt_template=config.prompt_template,
+        batch_size=config.generation_batch_size or config.rollouts_per_step,
+        max_prompt_tokens=config.max_prompt_tokens,
+    )
+    rng = rng_state()
+    results = {
+        name: evaluate_problems(session.model, session.tokenizer, problems, settings, name=name)
+        for name, problems in session.eval_problems.items()
+    }
+    set_rng_state(rng)
+    folder = session.run_dir / "eval"
+    folder.mkdir(exist_ok=True)
+    summary = {name: {k: v for k, v in result.items() if k != "records"} for name, result in results.items()}
+    (folder / f"{checkpoint_name(session.step)}.json").write_text(json.dumps(summary, indent=1))
+    with open(folder / f"{checkpoint_name(session.step)}-records.jsonl", "w") as handle:
+        for result in results.values():
+            handle.writelines(json.dumps(record) + "\n" for record in result["records"])
+    return {f"eval_{name}": result["score"] for name, result in results.items()}
 
 
 def step_statistics(

@@ -24,6 +24,7 @@ from popo_lite.evaluate import (
     EvaluationError,
     evaluate_model,
     evaluate_problems,
+    iter_evaluate,
     load_benchmarks,
     load_model,
     main,
@@ -139,6 +140,20 @@ def test_greedy_completions_do_not_depend_on_batch_size(tiny, sums):
         result = evaluate_problems(model, tokenizer, sums[:9], settings)
         texts.append([record["completions"] for record in result["records"]])
     assert texts[0] == texts[1]
+
+
+def test_batches_spanning_two_benchmarks_keep_each_benchmarks_records_and_order(tiny, sums):
+    model, tokenizer, _ = tiny
+    settings = EvalSettings(
+        max_new_tokens=2, prompt_template="plain", batch_size=4
+    )  # 3 + 5 problems: 2 batches
+    benchmarks = {"sums": sums[:3], "arithmetic": load_problems("arithmetic", split="test", limit=5)}
+    results = dict(iter_evaluate(model, tokenizer, benchmarks, settings))
+    assert list(results) == ["sums", "arithmetic"]
+    for name, problems in benchmarks.items():
+        assert results[name]["problems"] == len(problems)
+        _check_records_against_reward(results[name], problems, n=1)
+        assert {record["benchmark"] for record in results[name]["records"]} == {name}
 
 
 def test_sampled_evaluation_reports_avg_and_pass_at_k_is_seeded_and_keeps_callers_rng(tiny, sums):

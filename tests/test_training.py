@@ -126,3 +126,15 @@ def test_exported_ema_adapter_loads_as_a_plain_peft_adapter(tiny_config, tiny_mo
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), ema_dir)
     logits = model(input_ids=torch.tensor([[3, 4, 5]])).logits
     assert torch.isfinite(logits).all()
+
+
+def test_evaluation_during_training_lands_in_records_and_run_directory(tiny_config, digit_problems):
+    records = list(
+        train(tiny_config(steps=2, eval_every=2, eval_benchmarks=[str(digit_problems)], eval_limit=6))
+    )
+    key = f"eval_{digit_problems}"
+    assert key not in records[0] and 0.0 <= records[1][key] <= 1.0
+    run_dir = Path(records[1]["run_dir"])
+    summary = json.loads((run_dir / "eval" / "step-000002.json").read_text())
+    assert summary[str(digit_problems)]["problems"] == 6
+    assert len((run_dir / "eval" / "step-000002-records.jsonl").read_text().splitlines()) == 6
