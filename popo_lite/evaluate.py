@@ -36,10 +36,10 @@ from tqdm import tqdm
 
 from popo_lite.config import EMBEDDED_MODEL, Config, ConfigError, load_config
 from popo_lite.data import BUNDLED, EVAL_BENCHMARKS, TEMPLATES, Problem, format_prompt, load_problems
-from popo_lite.model import ModelError, load_tokenizer, resolve_device, resolve_dtype, resolve_model_source
+from popo_lite.model import ModelError, load_base
 from popo_lite.passk import markdown_table, summarise
 from popo_lite.rewards import score
-from popo_lite.rollouts import Rollouts, completion_mask_from, eos_ids, generate_rollouts
+from popo_lite.rollouts import Rollouts, eos_ids, generate_rollouts
 
 logger = logging.getLogger(__name__)
 DEFAULT_KS = (1, 2, 4, 8, 16, 32, 64, 128)  # reported where k <= n
@@ -106,58 +106,6 @@ class EvalSettings:
 
 
 # ---- generation and scoring -------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def greedy_rollouts(
-    model, tokenizer, prompts: list[str], max_new_tokens: int, max_prompt_tokens: int = 4096
-) -> Rollouts:
-    """One greedy completion per prompt, in the layout and with the EOS handling of `generate_rollouts`."""
-    started = time.perf_counter()
-    device = next(model.parameters()).device
-    encoded = tokenizer(
-        prompts,
-        return_tensors="pt",
-        padding=True,
-        truncation=True,
-        max_length=max_prompt_tokens,
-        add_special_tokens=False,
-    ).to(device)  # (B, P) left-padded
-    stop_ids = eos_ids(model, tokenizer)
-    was_training = model.training
-    model.eval()
-    try:
-        # None clears sampling knobs a model's generation_config may carry (Qwen ships temperature 0.7).
-        output = model.generate(
-            **encoded,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=stop_ids,
-            pad_token_id=tokenizer.pad_token_id,
-            use_cache=True,
-        )
-    finally:
-        model.train(was_training)
-    completion_ids = output[:, encoded["input_ids"].shape[1] :]  # (B, T)
-    completion_mask = completion_mask_from(completion_ids, stop_ids)
-    completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
-    lengths = completion_mask.sum(1).tolist()
-    texts = tokenizer.batch_decode(
-        [row[:length].tolist() for row, length in zip(completion_ids, lengths, strict=True)],
-        skip_special_tokens=True,
-    )
-    return Rollouts(
-        prompt_ids=encoded["input_ids"],
-        prompt_mask=encoded["attention_mask"],
-        completion_ids=completion_ids,
-        completion_mask=completion_mask,
-        texts=texts,
-        group_size=1,
-        seconds=time.perf_counter() - started,
-    )
 
 
 def _lengths_and_cuts(rollouts: Rollouts, stop_ids: list[int]) -> tuple[list[int], list[bool]]:
@@ -258,15 +206,13 @@ def iter_evaluate(
 
 
 def _generate(model, tokenizer, prompts: list[str], settings: EvalSettings) -> Rollouts:
-    if settings.greedy:
-        return greedy_rollouts(model, tokenizer, prompts, settings.max_new_tokens, settings.max_prompt_tokens)
     return generate_rollouts(
         model,
         tokenizer,
         prompts,
         settings.n,
         settings.max_new_tokens,
-        settings.temperature,
+        settings.temperature,  # 0 = greedy
         settings.top_p,
         settings.max_prompt_tokens,
         settings.batch_size,
@@ -362,30 +308,10 @@ def load_model(config: Config, adapter: str | Path | None = None):
     an adapter is evaluated on the base it was trained on; but no fresh LoRA and no gradient
     checkpointing, because nothing here is trained.
     """
-    from peft import PeftModel  # imported here: peft and transformers are slow to import
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from peft import PeftModel  # imported here: peft is slow to import
 
     adapter_path = check_adapter(adapter) if adapter is not None else None  # before the slow load
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
-    source = resolve_model_source(config)
-    tokenizer = load_tokenizer(source, config)
-    kwargs: dict = {"dtype": dtype, "trust_remote_code": config.trust_remote_code}
-    if config.qlora:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        )
-        kwargs["device_map"] = {"": device}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except OSError as error:
-        raise ModelError(f"model: cannot load {config.model!r}: {error}") from None
-    if not config.qlora:
-        model.to(device)
-    model.requires_grad_(False)
+    model, tokenizer, device = load_base(config)
     if adapter_path is not None:
         try:
             model = PeftModel.from_pretrained(model, str(adapter_path))

@@ -113,6 +113,7 @@ def resolve_model_source(config: Config) -> str:
 def load_tokenizer(source: str, config: Config):
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
     tokenizer.padding_side = "left"  # generation appends on the right of every prompt
+    tokenizer.truncation_side = "left"  # a too-long prompt loses its start, never the assistant header
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -128,9 +129,11 @@ def lora_config(config: Config) -> LoraConfig:
     )
 
 
-def load_policy(config: Config, check_tokenizer=None) -> tuple[PeftModel, object, torch.device]:
-    """Load base and tokenizer, attach the "policy" and "ema" LoRA adapters: (model, tokenizer, device).
+def load_base(config: Config, check_tokenizer=None) -> tuple[object, object, torch.device]:
+    """The frozen base model and its tokenizer, as the config asks: (base, tokenizer, device).
 
+    Hub id, folder, GGUF or embedded; NF4 with double quantisation when `config.qlora`. Training and
+    evaluation both load through here, so an adapter is always evaluated on the base it trained on.
     `check_tokenizer(tokenizer)` runs before the weights load, so a prompt that cannot be built (say, a
     chat template the tokenizer lacks) fails in seconds.
     """
@@ -156,6 +159,12 @@ def load_policy(config: Config, check_tokenizer=None) -> tuple[PeftModel, object
     if not config.qlora:
         base.to(device)
     base.requires_grad_(False)
+    return base, tokenizer, device
+
+
+def load_policy(config: Config, check_tokenizer=None) -> tuple[PeftModel, object, torch.device]:
+    """`load_base`, then the "policy" and "ema" LoRA adapters on it: (model, tokenizer, device)."""
+    base, tokenizer, device = load_base(config, check_tokenizer)
     if config.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()

@@ -307,7 +307,7 @@ def build_panel(root: str | Path, configs: str | Path) -> gr.Blocks:
                                     title=title,
                                     y_title=" ",  # the title says what it is
                                     height=220,
-                                    elem_id="plot-" + next(iter(series)),
+                                    elem_id="plot-" + next(iter(series)).rstrip("*"),
                                 )
                             )
             with gr.Tab("Rollouts", id="rollouts") as rollouts_tab:

@@ -58,7 +58,10 @@ def generate_rollouts(
     max_prompt_tokens: int = 512,
     batch_size: int | None = None,
 ) -> Rollouts:
-    """Sample `group_size` completions for each prompt with the model's active adapter."""
+    """Sample `group_size` completions for each prompt with the model's active adapter.
+
+    temperature 0 means greedy decoding (evaluation); training always samples.
+    """
     start = time.perf_counter()
     device = next(model.parameters()).device
     encoded = tokenizer(
@@ -72,25 +75,29 @@ def generate_rollouts(
     prompt_ids = encoded["input_ids"].repeat_interleave(group_size, dim=0).to(device)  # (B*G, P)
     prompt_mask = encoded["attention_mask"].repeat_interleave(group_size, dim=0).to(device)
     stop_ids = eos_ids(model, tokenizer)
+    if temperature == 0:
+        # None clears sampling knobs a model's generation_config may carry (Qwen ships temperature 0.7).
+        sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    else:
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
     was_training = model.training
     model.eval()  # no dropout, and gradient checkpointing off: generation uses the KV cache
     pieces = []
     step = batch_size or prompt_ids.shape[0]
-    for first in range(0, prompt_ids.shape[0], step):
-        output = model.generate(
-            input_ids=prompt_ids[first : first + step],
-            attention_mask=prompt_mask[first : first + step],
-            do_sample=True,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=0,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=stop_ids,
-            pad_token_id=tokenizer.pad_token_id,
-            use_cache=True,
-        )
-        pieces.append(output[:, prompt_ids.shape[1] :])
-    model.train(was_training)
+    try:
+        for first in range(0, prompt_ids.shape[0], step):
+            output = model.generate(
+                input_ids=prompt_ids[first : first + step],
+                attention_mask=prompt_mask[first : first + step],
+                **sampling,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=stop_ids,
+                pad_token_id=tokenizer.pad_token_id,
+                use_cache=True,
+            )
+            pieces.append(output[:, prompt_ids.shape[1] :])
+    finally:
+        model.train(was_training)
     width = max(piece.shape[1] for piece in pieces)
     completion_ids = torch.cat(
         [torch.nn.functional.pad(p, (0, width - p.shape[1]), value=tokenizer.pad_token_id) for p in pieces]

@@ -35,6 +35,7 @@ PLOTS = (
     ("completion length (tokens)", {"completion_length": "length"}),
     ("tokens / s", {"generation_tokens_per_s": "generation", "train_tokens_per_s": "train"}),
     ("peak memory (GiB)", {"peak_memory_gib_gpu": "GPU", "peak_memory_gib_rss": "RSS"}),
+    ("eval pass@1 (eval_every)", {"eval_*": "eval"}),  # one series per benchmark: eval_<name>
 )
 CSS = """
 .rollout { border: 1px solid #ccc; border-radius: 6px; padding: 6px 10px; margin: 4px 0; }
@@ -84,15 +85,25 @@ def render_progress(root: Path, names: list[str]) -> str:
 
 
 def plot_frame(root: Path, names: list[str], series: dict[str, str]) -> pd.DataFrame:
-    """Long format (step, value, series) for a LinePlot; a run's name alone when it has one series."""
+    """Long format (step, value, series) for a LinePlot; a run's name alone when it has one series.
+
+    A key ending in '*' takes every metric with that prefix, labelled by the rest of its name.
+    """
     rows = []
     for name in names:
         for record in read_jsonl(run_path(root, name) / "metrics.jsonl"):
-            for key, label in series.items():
-                value = record.get(key)
-                if isinstance(value, int | float) and math.isfinite(value):
-                    line = name if len(series) == 1 else f"{name} · {label}"
-                    rows.append({"step": int(record["step"]), "value": float(value), "series": line})
+            for key, value in record.items():
+                label = series.get(key)
+                if label is None:
+                    prefix = next(
+                        (k[:-1] for k in series if k.endswith("*") and key.startswith(k[:-1])), None
+                    )
+                    label = key[len(prefix) :] if prefix is not None else None
+                if label is None or not isinstance(value, int | float) or not math.isfinite(value):
+                    continue
+                single = len(series) == 1 and not next(iter(series)).endswith("*")
+                line = name if single else f"{name} · {label}"
+                rows.append({"step": int(record["step"]), "value": float(value), "series": line})
     # Explicit dtypes: a first, empty frame of objects would make the plot's axes categorical for good.
     frame = pd.DataFrame(rows, columns=["step", "value", "series"])
     return frame.astype({"step": "int64", "value": "float64"})

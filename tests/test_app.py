@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -211,8 +212,9 @@ def test_watch_shows_the_step_counter_and_plots_update_live(page, panel):
 
     page.get_by_role("tab", name="Watch").click()
     progress = page.locator(f"#progress .run-progress[data-run='{RUN}']")
-    expect(progress).to_have_attribute("data-step", "1", timeout=150_000)
-    expect(progress).to_contain_text("step 1 / 3")
+    # Any step: the tiny model's steps take about a second, so the 2 s refresh may skip one.
+    expect(progress).to_have_attribute("data-step", re.compile("[123]"), timeout=150_000)
+    expect(progress.locator(".step-counter")).to_have_text(re.compile(r"step [123] / 3"))
     expect(progress).to_have_attribute("data-step", "3", timeout=120_000)
     line = page.locator("#plot-reward_mean path[aria-roledescription='line mark']").first
     expect(line).to_have_attribute("d", _path_with_points(3), timeout=20_000)  # all three steps drawn
@@ -225,10 +227,8 @@ def test_watch_shows_the_step_counter_and_plots_update_live(page, panel):
     page.screenshot(path=ARTIFACTS / "panel-watch.png", full_page=True)
 
 
-def _path_with_points(count: int):
+def _path_with_points(count: int) -> re.Pattern:
     """An SVG path `d` of a line through at least `count` points (M x,y then L x,y ...)."""
-    import re
-
     return re.compile(r"^M[^L]+" + r"(L[^L]+)" * (count - 1))
 
 

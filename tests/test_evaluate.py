@@ -144,9 +144,7 @@ def test_greedy_completions_do_not_depend_on_batch_size(tiny, sums):
 
 def test_batches_spanning_two_benchmarks_keep_each_benchmarks_records_and_order(tiny, sums):
     model, tokenizer, _ = tiny
-    settings = EvalSettings(
-        max_new_tokens=2, prompt_template="plain", batch_size=4
-    )  # 3 + 5 problems: 2 batches
+    settings = EvalSettings(max_new_tokens=2, prompt_template="plain", batch_size=4)  # 3 + 5 problems
     benchmarks = {"sums": sums[:3], "arithmetic": load_problems("arithmetic", split="test", limit=5)}
     results = dict(iter_evaluate(model, tokenizer, benchmarks, settings))
     assert list(results) == ["sums", "arithmetic"]

@@ -243,3 +243,18 @@ def test_evaluation_state_comes_from_its_table_and_log(tmp_path):
     state, text = jobs.evaluation_result(root, "r", "bad")
     assert state == "failed" and "no benchmark named" in text
     assert jobs.list_evaluations(root / "r") == ["ok", "bad"]
+
+
+def test_plot_frames_overlay_runs_and_pick_up_every_eval_benchmark(tmp_path):
+    from popo_lite.views import PLOTS, plot_frame
+
+    root = tmp_path / "runs"
+    for name in ("a", "b"):
+        records = [{"step": 1, "reward_mean": 0.5, "eval_gsm8k_test": 0.1, "eval_math500": 0.2, "loss": None}]
+        (_make_run(root, name) / "metrics.jsonl").write_text(json.dumps(records[0]) + "\n")
+    plots = dict(PLOTS)
+    reward = plot_frame(root, ["a", "b"], plots["reward"])
+    assert sorted(reward["series"]) == ["a", "b"] and str(reward["value"].dtype) == "float64"
+    evals = plot_frame(root, ["a"], plots["eval pass@1 (eval_every)"])
+    assert sorted(evals["series"]) == ["a · gsm8k_test", "a · math500"]
+    assert plot_frame(root, ["a"], plots["loss"]).empty
