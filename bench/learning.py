@@ -1,6 +1,7 @@
 """POPO against GRPO on the embedded real model: held-out accuracy before and after, per seed.
 
-    python bench/learning.py --seeds 0 1 2 --steps 6 --qlora
+    python bench/learning.py --seeds 0 1 2 --steps 5
+    python bench/learning.py --config configs/ablations/no-ema.yaml --algos popo   # any ablation
 
 For each algorithm and seed the same config is trained (the embedded SmolLM2-135M-Instruct on 2-digit
 + 1-digit additions, 8 prompts x 8 rollouts per step: the same rollout budget for both), then scored
@@ -26,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from popo_lite.config import Config  # noqa: E402
+from popo_lite.config import load_config  # noqa: E402
 from popo_lite.data import format_prompt, load_problems  # noqa: E402
 from popo_lite.evaluate import EvalSettings, evaluate_problems  # noqa: E402
 from popo_lite.rollouts import Rollouts, generate_rollouts  # noqa: E402
@@ -66,17 +67,18 @@ def negative_logprob(session, negatives: tuple[Rollouts, torch.Tensor]) -> float
 
 
 def one_run(args, algo: str, seed: int, heldout, negatives_source) -> dict:
-    config = Config(
-        algo=algo,
-        seed=seed,
-        steps=args.steps,
-        qlora=args.qlora,
-        max_new_tokens=args.max_new_tokens,
-        kl_every=0,
-        save_every=0,
-        output_dir=str(ROOT / "bench" / "runs"),
-        run_name=f"learning-{algo}-seed{seed}-{int(time.time())}",
-    )
+    overrides = {
+        "algo": algo,
+        "seed": seed,
+        "steps": args.steps,
+        "qlora": args.qlora,
+        "max_new_tokens": args.max_new_tokens,
+        "kl_every": 0,
+        "save_every": 0,
+        "output_dir": str(ROOT / "bench" / "runs"),
+        "run_name": f"learning-{algo}-seed{seed}-{int(time.time())}",
+    }
+    config = load_config(args.config, overrides)  # an ablation recipe, or the embedded default
     started = time.perf_counter()
     session = prepare(config)
     if negatives_source.get("rollouts") is None:  # sampled once, from the first (untrained) policy
@@ -148,6 +150,9 @@ def main() -> None:
     parser.add_argument("--heldout", type=int, default=40, help="held-out problems scored greedily")
     parser.add_argument("--negative_prompts", type=int, default=16)
     parser.add_argument("--qlora", action="store_true")
+    parser.add_argument(
+        "--config", help="base recipe, e.g. configs/ablations/no-ema.yaml (default: the defaults)"
+    )
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "learning"))
     args = parser.parse_args()
 
