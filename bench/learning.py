@@ -62,7 +62,7 @@ def sample_negatives(session, problems, count: int) -> tuple[Rollouts, torch.Ten
 
 
 def negative_logprob(session, negatives: tuple[Rollouts, torch.Tensor]) -> float:
-    means, _ = sequence_logprobs(session.model, negatives[0], negatives[1], session.config)
+    means, _, _ = sequence_logprobs(session.model, negatives[0], negatives[1], session.config)
     return float(means.mean())
 
 

@@ -247,19 +247,23 @@ def out_of_memory_advice(config: Config, phase: str, last_checkpoint: Path | Non
         raise TrainingError(f"out of GPU memory during {phase}: {advice}{kept}") from None
 
 
-def update_policy(session: Session, rollouts: Rollouts, rewards: torch.Tensor) -> tuple[dict, torch.Tensor]:
-    """Gradients, clipping and one optimizer step; returns (metrics, per-rollout weights or advantages).
+def update_policy(
+    session: Session, rollouts: Rollouts, rewards: torch.Tensor
+) -> tuple[dict, torch.Tensor, dict[int, list[float]]]:
+    """Gradients, clipping and one optimizer step.
+
+    Returns (metrics, per-rollout weights or advantages, token log-probs of the rows the update scored).
 
     A NaN or infinite loss or gradient skips the step: nothing reaches the adapter, the EMA or a checkpoint.
     """
     config = session.config
     try:
         if session.predictor is not None:
-            metrics, weights = popo_update(
+            metrics, weights, token_logprobs = popo_update(
                 session.model, session.predictor, rollouts, rewards, config, session.noise_generator
             )
         else:
-            metrics, weights = grpo_update(session.model, rollouts, rewards, config)
+            metrics, weights, token_logprobs = grpo_update(session.model, rollouts, rewards, config)
         grad_norm = torch.nn.utils.clip_grad_norm_(session.trainable, config.max_grad_norm)
         if not torch.isfinite(grad_norm):
             raise NonFiniteLoss(f"gradient norm is {float(grad_norm)}")
@@ -267,12 +271,13 @@ def update_policy(session: Session, rollouts: Rollouts, rewards: torch.Tensor) -
         metrics["grad_norm"] = float(grad_norm)
     except NonFiniteLoss as error:
         metrics, weights = {"skipped": 1.0, "warning": f"step skipped: {error}"}, torch.zeros(rewards.numel())
+        token_logprobs = {}
     finally:
         session.optimizer.zero_grad(set_to_none=True)
     session.scheduler.step()
     if session.predictor is not None and "skipped" not in metrics:
         ema_update(session.model, config.tau)
-    return metrics, weights
+    return metrics, weights, token_logprobs
 
 
 def save(session: Session) -> Path:
@@ -322,7 +327,7 @@ def run(session: Session) -> Iterator[dict]:
         rewards, extracted = score_rollouts(rollouts, batch)
         update_started = time.perf_counter()
         with out_of_memory_advice(config, "update", last_checkpoint):
-            metrics, weights = update_policy(session, rollouts, rewards)
+            metrics, weights, token_logprobs = update_policy(session, rollouts, rewards)
         session.step += 1
         update_seconds = time.perf_counter() - update_started
         record = {"step": session.step, "algo": config.algo}
@@ -348,13 +353,14 @@ def run(session: Session) -> Iterator[dict]:
         if config.log_rollouts:
             write_rollouts(
                 run_dir / "rollouts.jsonl",
-                session.step,
+                session,
                 batch,
                 prompts,
                 rollouts,
                 rewards,
                 weights,
                 extracted,
+                token_logprobs,
             )
         if config.eval_every and (session.step % config.eval_every == 0 or session.step == config.steps):
             record.update(evaluate_during_training(session))
@@ -414,32 +420,34 @@ def step_statistics(
 
 def write_rollouts(
     path: Path,
-    step: int,
+    session: Session,
     batch: list[Problem],
     prompts: list[str],
     rollouts: Rollouts,
     rewards: torch.Tensor,
     weights: torch.Tensor,
     extracted: list[str | None],
+    token_logprobs: dict[int, list[float]],
 ) -> None:
+    """Append every rollout of the step; rows the update scored also get their tokens and log-probs."""
     group = rollouts.group_size
     flat_rewards, flat_weights = rewards.flatten().tolist(), weights.detach().cpu().flatten().tolist()
     with open(path, "a") as handle:
         for i, text in enumerate(rollouts.texts):
             problem = batch[i // group]
-            handle.write(
-                json.dumps(
-                    {
-                        "step": step,
-                        "group": i // group,
-                        "problem_id": problem.id,
-                        "prompt": prompts[i // group],
-                        "completion": text,
-                        "reward": flat_rewards[i],
-                        "weight": flat_weights[i],
-                        "extracted": extracted[i],
-                        "gold": problem.answer,
-                    }
-                )
-                + "\n"
-            )
+            row = {
+                "step": session.step,
+                "group": i // group,
+                "problem_id": problem.id,
+                "prompt": prompts[i // group],
+                "completion": text,
+                "reward": flat_rewards[i],
+                "weight": flat_weights[i],
+                "extracted": extracted[i],
+                "gold": problem.answer,
+            }
+            if i in token_logprobs:
+                ids = rollouts.completion_ids[i, : len(token_logprobs[i])].tolist()
+                row["tokens"] = [session.tokenizer.decode([token]) for token in ids]
+                row["token_logprobs"] = [round(value, 4) for value in token_logprobs[i]]
+            handle.write(json.dumps(row) + "\n")

@@ -57,15 +57,23 @@ def _mean_metrics(collected: dict[str, list[float]]) -> dict[str, float]:
 @torch.no_grad()
 def sequence_logprobs(
     model, rollouts: Rollouts, index: torch.Tensor, config: Config
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and summed completion log-probs of the rows `index` under the active adapter, no gradient."""
-    means, sums = [], []
+) -> tuple[torch.Tensor, torch.Tensor, list[list[float]]]:
+    """Mean and summed completion log-probs of the rows `index` under the active adapter, no gradient;
+    also each row's token log-probs (for the rollout inspector's colouring)."""
+    means, sums, per_token = [], [], []
     for rows in _micro_batches(index, config.micro_batch_size):
         stats, mask = _score(model, rollouts, rows, config)
         summed = (stats.logprobs * mask).sum(1)
         sums.append(summed)
         means.append(summed / mask.sum(1).clamp(min=1))
-    return torch.cat(means), torch.cat(sums)
+        per_token += _token_lists(stats.logprobs, mask)
+    return torch.cat(means), torch.cat(sums), per_token
+
+
+def _token_lists(token_logprobs: torch.Tensor, mask: torch.Tensor) -> list[list[float]]:
+    lengths = mask.sum(1).tolist()
+    rows = token_logprobs.detach().float().cpu().tolist()
+    return [row[: int(length)] for row, length in zip(rows, lengths, strict=True)]
 
 
 def popo_update(
@@ -75,8 +83,8 @@ def popo_update(
     rewards: torch.Tensor,
     config: Config,
     generator: torch.Generator,
-) -> tuple[dict[str, float], torch.Tensor]:
-    """Accumulate POPO gradients for one step; returns (metrics, weights (B*G,)).
+) -> tuple[dict[str, float], torch.Tensor, dict[int, list[float]]]:
+    """Accumulate POPO gradients for one step; returns (metrics, weights (B*G,), token log-probs by row).
 
     rewards: (B, G). Weights come first, per group, from the policy that sampled (no gradient), over
     positives only: a non-positive's weight is 0 whatever its log-prob (POPO_SPEC.md section 1, step 4).
@@ -88,10 +96,12 @@ def popo_update(
     sum_logprobs = torch.zeros(count, device=device)
     positive_rows = positive.nonzero().flatten()
     model.eval()  # weights from the sampling policy: no dropout
+    token_logprobs: dict[int, list[float]] = {}
     if positive_rows.numel():
-        mean_logprobs[positive_rows], sum_logprobs[positive_rows] = sequence_logprobs(
+        mean_logprobs[positive_rows], sum_logprobs[positive_rows], per_token = sequence_logprobs(
             model, rollouts, positive_rows, config
         )
+        token_logprobs = dict(zip(positive_rows.tolist(), per_token, strict=True))
     weights = popo_weights(
         mean_logprobs.view_as(rewards),
         sum_logprobs.view_as(rewards),
@@ -147,13 +157,13 @@ def popo_update(
         (loss / len(micro_batches)).backward()
         for key, value in metrics.items():
             collected[key].append(float(value))
-    return _mean_metrics(collected), weights
+    return _mean_metrics(collected), weights, token_logprobs
 
 
 def grpo_update(
     model, rollouts: Rollouts, rewards: torch.Tensor, config: Config
-) -> tuple[dict[str, float], torch.Tensor]:
-    """Accumulate GRPO gradients for one step; returns (metrics, advantages (B*G,)).
+) -> tuple[dict[str, float], torch.Tensor, dict[int, list[float]]]:
+    """Accumulate GRPO gradients for one step; returns (metrics, advantages (B*G,), token log-probs by row).
 
     On-policy (one update per generation), so old log-probs are the detached current ones and the
     ratio is 1 in value; the clipped form is kept so the gradient is GRPO's (POPO_SPEC.md section 4).
@@ -164,8 +174,10 @@ def grpo_update(
     model.train()
     micro_batches = _micro_batches(torch.arange(rewards.numel(), device=device), config.micro_batch_size)
     collected: dict[str, list[float]] = defaultdict(list)
+    token_logprobs: dict[int, list[float]] = {}
     for rows in micro_batches:
         stats, mask = _score(model, rollouts, rows, config)
+        token_logprobs.update(zip(rows.tolist(), _token_lists(stats.logprobs, mask), strict=True))
         ref_logprobs = None
         if config.grpo_beta > 0:
             with torch.no_grad(), model.disable_adapter():
@@ -185,7 +197,7 @@ def grpo_update(
         (loss / len(micro_batches)).backward()
         for key, value in metrics.items():
             collected[key].append(float(value))
-    return _mean_metrics(collected), advantages
+    return _mean_metrics(collected), advantages, token_logprobs
 
 
 @torch.no_grad()

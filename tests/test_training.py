@@ -82,6 +82,9 @@ def test_popo_trains_adapter_keeps_base_and_moves_ema_by_the_law(tiny_config, ql
     assert set(rollouts[0]) >= {"prompt", "completion", "reward", "weight", "group", "step", "gold"}
     for row in rollouts:
         assert (row["weight"] > 0) == (row["reward"] > 0)  # only positives carry weight
+        if row["reward"] > 0:  # positives carry their tokens' log-probs for the inspector's colouring
+            assert len(row["tokens"]) == len(row["token_logprobs"]) > 0
+            assert all(value <= 0 for value in row["token_logprobs"])
     assert len(_lines(session.run_dir / "metrics.jsonl")) == 3
     assert (session.run_dir / "config.yaml").is_file()
 
