@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +35,7 @@ from popo_lite.evaluate import EvalSettings, evaluate_problems, load_benchmarks
 from popo_lite.model import EMA, POLICY, load_policy
 from popo_lite.rewards import score
 from popo_lite.rollouts import Rollouts, generate_rollouts
+from popo_lite.run_files import run_directory, truncate_jsonl, write_rollouts
 from popo_lite.siamese import Predictor, ema_reset, ema_update
 from popo_lite.updates import NonFiniteLoss, grpo_update, kl_policy_ema, popo_update
 
@@ -67,37 +67,10 @@ class PromptSampler:
         self.epoch, self.offset = state["epoch"], state["offset"]
 
 
-def run_directory(config: Config, resume: bool) -> Path:
-    """The run directory: must exist on resume, must not hold a run otherwise. Creates nothing."""
-    root = Path(config.output_dir)
-    name = config.run_name or f"{config.algo}-{datetime.now():%Y%m%d-%H%M%S}"
-    run_dir = root / name
-    if resume:
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"--resume: no run to resume at {run_dir} (give --run_name of an existing run)")
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"run directory {run_dir} already holds a run: use --resume or another --run_name")
-    return run_dir
-
-
 def peak_memory_gib(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30, "gpu"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "rss"  # ru_maxrss is KiB on Linux
-
-
-def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Drop records after `last_step`, so a resumed run's logs match an uninterrupted run's."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= last_step:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # a line torn by a kill mid-write
-    path.write_text("".join(line + "\n" for line in kept))
 
 
 def lr_lambda(config: Config):
@@ -353,7 +326,8 @@ def run(session: Session) -> Iterator[dict]:
         if config.log_rollouts:
             write_rollouts(
                 run_dir / "rollouts.jsonl",
-                session,
+                session.step,
+                tokenizer,
                 batch,
                 prompts,
                 rollouts,
@@ -416,38 +390,3 @@ def step_statistics(
         positive_weights = weights.detach().cpu()[positive.flatten()]
         stats.update(weight_max=float(positive_weights.max()), weight_min=float(positive_weights.min()))
     return stats
-
-
-def write_rollouts(
-    path: Path,
-    session: Session,
-    batch: list[Problem],
-    prompts: list[str],
-    rollouts: Rollouts,
-    rewards: torch.Tensor,
-    weights: torch.Tensor,
-    extracted: list[str | None],
-    token_logprobs: dict[int, list[float]],
-) -> None:
-    """Append every rollout of the step; rows the update scored also get their tokens and log-probs."""
-    group = rollouts.group_size
-    flat_rewards, flat_weights = rewards.flatten().tolist(), weights.detach().cpu().flatten().tolist()
-    with open(path, "a") as handle:
-        for i, text in enumerate(rollouts.texts):
-            problem = batch[i // group]
-            row = {
-                "step": session.step,
-                "group": i // group,
-                "problem_id": problem.id,
-                "prompt": prompts[i // group],
-                "completion": text,
-                "reward": flat_rewards[i],
-                "weight": flat_weights[i],
-                "extracted": extracted[i],
-                "gold": problem.answer,
-            }
-            if i in token_logprobs:
-                ids = rollouts.completion_ids[i, : len(token_logprobs[i])].tolist()
-                row["tokens"] = [session.tokenizer.decode([token]) for token in ids]
-                row["token_logprobs"] = [round(value, 4) for value in token_logprobs[i]]
-            handle.write(json.dumps(row) + "\n")

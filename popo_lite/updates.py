@@ -50,6 +50,15 @@ def _micro_batches(index: torch.Tensor, size: int) -> list[torch.Tensor]:
     return list(index.split(size)) if index.numel() else []
 
 
+def _backward(loss: torch.Tensor, metrics: dict, collected: dict[str, list[float]], name: str) -> None:
+    """Accumulate one micro-batch's gradient (loss already divided by the micro-batch count)."""
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(f"{name} loss is {loss.item()}")
+    loss.backward()
+    for key, value in metrics.items():
+        collected[key].append(float(value))
+
+
 def _mean_metrics(collected: dict[str, list[float]]) -> dict[str, float]:
     return {key: sum(values) / len(values) for key, values in collected.items() if values}
 
@@ -152,11 +161,7 @@ def popo_update(
             beta_entropy=config.beta_entropy,
             entropy_over=config.entropy_over,
         )
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"POPO loss is {loss.item()}")
-        (loss / len(micro_batches)).backward()
-        for key, value in metrics.items():
-            collected[key].append(float(value))
+        _backward(loss / len(micro_batches), metrics, collected, "POPO")
     return _mean_metrics(collected), weights, token_logprobs
 
 
@@ -192,11 +197,7 @@ def grpo_update(
             beta=config.grpo_beta,
             normalization=config.grpo_normalization,
         )
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"GRPO loss is {loss.item()}")
-        (loss / len(micro_batches)).backward()
-        for key, value in metrics.items():
-            collected[key].append(float(value))
+        _backward(loss / len(micro_batches), metrics, collected, "GRPO")
     return _mean_metrics(collected), advantages, token_logprobs
 
 

@@ -1,0 +1,83 @@
+"""The files of a run directory, written by the trainer and read by the panel (runs.py) and the CLI.
+
+<output_dir>/<run_name>/config.yaml        resolved config
+                        metrics.jsonl      one record per step
+                        rollouts.jsonl     every rollout of every step
+                        eval/              evaluation during training
+                        checkpoints/       see checkpoint.py
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from popo_lite.config import Config, ConfigError
+from popo_lite.data import Problem
+from popo_lite.rollouts import Rollouts
+
+
+def run_directory(config: Config, resume: bool) -> Path:
+    """The run directory: must exist on resume, must not hold a run otherwise. Creates nothing."""
+    root = Path(config.output_dir)
+    name = config.run_name or f"{config.algo}-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir = root / name
+    if resume:
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume: no run to resume at {run_dir} (give --run_name of an existing run)")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"run directory {run_dir} already holds a run: use --resume or another --run_name")
+    return run_dir
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drop records after `last_step`, so a resumed run's logs match an uninterrupted run's."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line torn by a kill mid-write
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def write_rollouts(
+    path: Path,
+    step: int,
+    tokenizer,
+    batch: list[Problem],
+    prompts: list[str],
+    rollouts: Rollouts,
+    rewards: torch.Tensor,
+    weights: torch.Tensor,
+    extracted: list[str | None],
+    token_logprobs: dict[int, list[float]],
+) -> None:
+    """Append every rollout of the step; rows the update scored also get their tokens and log-probs."""
+    group = rollouts.group_size
+    flat_rewards, flat_weights = rewards.flatten().tolist(), weights.detach().cpu().flatten().tolist()
+    with open(path, "a") as handle:
+        for i, text in enumerate(rollouts.texts):
+            problem = batch[i // group]
+            row = {
+                "step": step,
+                "group": i // group,
+                "problem_id": problem.id,
+                "prompt": prompts[i // group],
+                "completion": text,
+                "reward": flat_rewards[i],
+                "weight": flat_weights[i],
+                "extracted": extracted[i],
+                "gold": problem.answer,
+            }
+            if i in token_logprobs:
+                ids = rollouts.completion_ids[i, : len(token_logprobs[i])].tolist()
+                row["tokens"] = [tokenizer.decode([token]) for token in ids]
+                row["token_logprobs"] = [round(value, 4) for value in token_logprobs[i]]
+            handle.write(json.dumps(row) + "\n")
