@@ -83,7 +83,7 @@ class Config:
     # --- rollouts ----------------------------------------------------------------------------------
     prompts_per_step: int = _f(8, "B: prompts per optimizer step.")
     rollouts_per_prompt: int = _f(8, "G: completions sampled per prompt (the group).")
-    max_new_tokens: int = _f(40, "Longest completion, in tokens.")
+    max_new_tokens: int = _f(32, "Longest completion, in tokens.")
     temperature: float = _f(
         0.7, "Sampling temperature (the reference uses 1.0); log-probs in the loss use logits / temperature."
     )
@@ -122,7 +122,7 @@ class Config:
     )
 
     # --- optimisation ------------------------------------------------------------------------------
-    steps: int = _f(6, "Optimizer steps (one generation batch each: on-policy).")
+    steps: int = _f(5, "Optimizer steps (one generation batch each: on-policy).")
     learning_rate: float = _f(
         2e-4,
         "AdamW learning rate for the LoRA adapter and the predictor (LoRA needs far more than the "
