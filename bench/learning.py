@@ -145,7 +145,7 @@ def main() -> None:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--algos", nargs="+", default=["popo", "grpo"], choices=["popo", "grpo"])
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--heldout", type=int, default=40, help="held-out problems scored greedily")
     parser.add_argument("--negative_prompts", type=int, default=16)
@@ -158,10 +158,16 @@ def main() -> None:
 
     heldout = load_problems("arithmetic", split="test", limit=args.heldout)
     negatives_source: dict = {}
-    results = [
-        one_run(args, algo, seed, heldout, negatives_source) for seed in args.seeds for algo in args.algos
-    ]
-    before = negatives_source["before_accuracy"]
+    results: list[dict] = []
+    for seed in args.seeds:
+        for algo in args.algos:
+            results.append(one_run(args, algo, seed, heldout, negatives_source))
+            text = write_results(args, results, negatives_source["before_accuracy"], len(heldout))
+    print(text)
+
+
+def write_results(args, results: list[dict], before: float, heldout_count: int) -> str:
+    """Rewritten after every run, so an interrupted benchmark keeps what it measured."""
     device = (
         torch.cuda.get_device_name()
         if torch.cuda.is_available()
@@ -172,7 +178,7 @@ def main() -> None:
         f"Measured {date.today()} on {platform.machine()} {device}, torch {torch.__version__}.\n"
         f"Command: `{command}`\n"
     )
-    text = header + "\n" + table(results, before, len(heldout)) + "\n"
+    text = header + "\n" + table(results, before, heldout_count) + "\n"
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output + ".json").write_text(
         json.dumps(
@@ -180,7 +186,7 @@ def main() -> None:
         )
     )
     Path(args.output + ".md").write_text(text)
-    print(text)
+    return text
 
 
 if __name__ == "__main__":
