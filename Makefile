@@ -20,7 +20,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 	touch $(STAMP)
 
 train: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m popo_lite.train --qlora $(ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m popo_lite.train $(ARGS)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
