@@ -301,14 +301,15 @@ def run(session: Session) -> Iterator[dict]:
             )
         reward_started = time.perf_counter()
         rewards, extracted = score_rollouts(rollouts, batch)
+        record = {"step": session.step + 1, "algo": config.algo}
+        if session.predictor is not None and config.kl_every and (session.step + 1) % config.kl_every == 0:
+            # Before the update: k3 is unbiased only on samples from the policy it measures.
+            record["kl_policy_ema"] = kl_policy_ema(model, rollouts, config)
         update_started = time.perf_counter()
         with out_of_memory_advice(config, "update", last_checkpoint):
             metrics, weights, token_logprobs = update_policy(session, rollouts, rewards)
         session.step += 1
         update_seconds = time.perf_counter() - update_started
-        record = {"step": session.step, "algo": config.algo}
-        if session.predictor is not None and config.kl_every and session.step % config.kl_every == 0:
-            record["kl_policy_ema"] = kl_policy_ema(model, rollouts, config)
         record.update(step_statistics(rewards, weights, rollouts, config, session.predictor is not None))
         record.update(metrics)
         memory, memory_kind = peak_memory_gib(session.device)
