@@ -25,9 +25,7 @@ from popo_lite.checkpoint import (
     checkpoint_name,
     latest_checkpoint,
     load_checkpoint,
-    rng_state,
     save_checkpoint,
-    set_rng_state,
 )
 from popo_lite.config import Config, ConfigError
 from popo_lite.data import Problem, format_prompt, load_problems
@@ -353,8 +351,8 @@ def run(session: Session) -> Iterator[dict]:
 def evaluate_during_training(session: Session) -> dict[str, float]:
     """Greedy pass@1 of the policy on each eval benchmark; full results in `eval/step-NNNNNN.json`.
 
-    Runs on the training process's main thread (math-verify's timeouts need it) and restores the RNG,
-    so a run with evaluation samples the same rollouts as one without.
+    Runs on the training process's main thread (math-verify's timeouts need it). Evaluation seeds each
+    batch inside `torch.random.fork_rng`, so a run with evaluation samples the same rollouts as one without.
     """
     config = session.config
     settings = EvalSettings(
@@ -363,12 +361,10 @@ def evaluate_during_training(session: Session) -> dict[str, float]:
         batch_size=config.generation_batch_size or config.rollouts_per_step,
         max_prompt_tokens=config.max_prompt_tokens,
     )
-    rng = rng_state()
     results = {
         name: evaluate_problems(session.model, session.tokenizer, problems, settings, name=name)
         for name, problems in session.eval_problems.items()
     }
-    set_rng_state(rng)
     folder = session.run_dir / "eval"
     folder.mkdir(exist_ok=True)
     summary = {name: {k: v for k, v in result.items() if k != "records"} for name, result in results.items()}
