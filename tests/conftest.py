@@ -101,3 +101,26 @@ def tiny_config(tiny_model_dir, digit_problems, tmp_path):
         return Config(**values)
 
     return make
+
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI_ENV = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}  # added to os.environ for CLI subprocesses
+
+
+@pytest.fixture
+def tiny_cli_args(tiny_model_dir, digit_problems) -> list[str]:
+    """`python -m popo_lite.train` options selecting the tiny model and the digit sums."""
+    return [
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(digit_problems),
+        "--problem_field",
+        "q",
+        "--answer_field",
+        "gold",
+        "--prompt_template",
+        "plain",
+        "--max_new_tokens",
+        "2",
+    ]

@@ -9,15 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import CLI_ENV, ROOT
 
 from popo_lite.config import Config, ConfigError, load_config
 from popo_lite.train import build_parser
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, **CLI_ENV}
     return subprocess.run(
         [sys.executable, "-m", "popo_lite.train", *args],
         cwd=cwd,
@@ -28,24 +27,13 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-def test_cli_subprocess_trains_tiny_model_and_writes_run_directory(tiny_model_dir, digit_problems, tmp_path):
+def test_cli_subprocess_trains_tiny_model_and_writes_run_directory(tiny_cli_args, tmp_path):
     result = _cli(
-        "--model",
-        str(tiny_model_dir),
-        "--dataset",
-        str(digit_problems),
-        "--problem_field",
-        "q",
-        "--answer_field",
-        "gold",
-        "--prompt_template",
-        "plain",
+        *tiny_cli_args,
         "--prompts_per_step",
         "2",
         "--rollouts_per_prompt",
         "4",
-        "--max_new_tokens",
-        "2",
         "--steps",
         "2",
         "--predictor_dim",

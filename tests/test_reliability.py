@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CLI_ENV
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,7 +25,6 @@ from popo_lite.rewards import score
 from popo_lite.siamese import adapter_pairs
 from popo_lite.trainer import TrainingError, prepare, run
 
-ROOT = Path(__file__).resolve().parents[1]
 TIMING = ("seconds", "tokens_per_s", "peak_memory")
 
 
@@ -96,7 +96,7 @@ def test_full_disk_while_checkpointing_leaves_the_previous_checkpoint_valid(tiny
 
 
 def _cli(args: list[str], cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, **CLI_ENV}
     return subprocess.Popen(
         [sys.executable, "-m", "popo_lite.train", *args],
         cwd=cwd,
@@ -115,22 +115,11 @@ def _metrics(path: Path) -> list[dict]:
     ]
 
 
-def test_sigkilled_run_resumes_and_matches_an_uninterrupted_run(tiny_model_dir, digit_problems, tmp_path):
+def test_sigkilled_run_resumes_and_matches_an_uninterrupted_run(tiny_cli_args, tmp_path):
     common = [
-        "--model",
-        str(tiny_model_dir),
-        "--dataset",
-        str(digit_problems),
-        "--problem_field",
-        "q",
-        "--answer_field",
-        "gold",
-        "--prompt_template",
-        "plain",
+        *tiny_cli_args,
         "--rollouts_per_prompt",
         "8",
-        "--max_new_tokens",
-        "2",
         "--steps",
         "6",
         "--predictor_dim",
