@@ -90,12 +90,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Heavy imports (torch, transformers) only once the config is known to be good: --help stays fast.
     from popo_lite.data import DataError
+    from popo_lite.distributed import is_main_process
     from popo_lite.model import ModelError
     from popo_lite.trainer import TrainingError, train
 
     record: dict = {}
+    main_process = is_main_process()  # under `accelerate launch` only one process prints
     try:
-        progress = tqdm(total=config.steps, desc=f"{config.algo} {config.model}", unit="step")
+        progress = tqdm(
+            total=config.steps, desc=f"{config.algo} {config.model}", unit="step", disable=not main_process
+        )
         for record in train(config, resume=resume):
             progress.n = record["step"]
             progress.set_postfix(
@@ -103,15 +107,15 @@ def main(argv: list[str] | None = None) -> int:
                 pos=f"{record['positive_rate']:.2f}",
                 loss=f"{record['loss']:.4f}" if "loss" in record else "-",
             )
-            if "warning" in record:
+            if "warning" in record and main_process:
                 tqdm.write(f"step {record['step']}: {record['warning']}")
         progress.close()
     except (ConfigError, DataError, ModelError, TrainingError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if record:
+    if main_process and record:
         print(f"run directory: {record['run_dir']}")
-    else:
+    elif main_process:
         print(f"nothing to do: the run already has {config.steps} steps")
     return 0
 

@@ -15,7 +15,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,8 @@ from popo_lite.checkpoint import (
 )
 from popo_lite.config import Config, ConfigError
 from popo_lite.data import Problem, format_prompt, load_problems
+from popo_lite.distributed import Replicas, Scorer
+from popo_lite.distributed import start as start_replicas
 from popo_lite.evaluate import EvalSettings, evaluate_problems, load_benchmarks
 from popo_lite.model import EMA, POLICY, load_policy
 from popo_lite.reporting import Reporter, check_reporters
@@ -118,15 +120,22 @@ class Session:
     noise_generator: torch.Generator
     eval_problems: dict[str, list[Problem]]
     step: int = 0
+    replicas: Replicas | None = None  # set under `accelerate launch` with several processes
 
     @property
     def adapters(self) -> tuple[str, ...]:
         return (POLICY, EMA) if self.predictor is not None else (POLICY,)
 
+    @property
+    def is_main(self) -> bool:
+        """The process that writes files (the only one, unless launched data-parallel)."""
+        return self.replicas is None or self.replicas.is_main
+
 
 def prepare(config: Config, resume: bool = False) -> Session:
     """Check the data, create the run directory, load the model, restore the last checkpoint on resume."""
     check_reporters(config.report_to)  # a missing tensorboard/wandb fails before the long load
+    replicas = start_replicas(config)  # None on one process
     problems = load_problems(
         config.dataset,
         problem_field=config.problem_field,
@@ -147,17 +156,24 @@ def prepare(config: Config, resume: bool = False) -> Session:
             problem_field=config.problem_field,
             answer_field=config.answer_field,
         )
-    run_dir = run_directory(config, resume)
+    if replicas is None:
+        run_dir = run_directory(config, resume)
+    else:  # one name for all processes (a default name carries the main process's clock)
+        run_dir = replicas.main_first(lambda: run_directory(config, resume))
     seed_everything(config.seed)
     model, tokenizer, device = load_policy(
-        config, check_tokenizer=lambda tok: format_prompt(problems[0].problem, config.prompt_template, tok)
+        replace(config, device=str(replicas.device)) if replicas else config,
+        check_tokenizer=lambda tok: format_prompt(problems[0].problem, config.prompt_template, tok),
     )
-    ema_reset(model)
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)  # only once the model has loaded
-    config.save(run_dir / "config.yaml")
+    if replicas is None or replicas.is_main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)  # only once the model has loaded
+        config.save(run_dir / "config.yaml")
     predictor = None
     if config.algo == "popo":
         predictor = Predictor(model.get_base_model().config.hidden_size, config.predictor_dim).to(device)
+    if replicas is not None:  # DDP broadcasts the main process's policy and predictor here
+        replicas.wrap(Scorer(model, predictor if config.alpha > 0 else None))
+    ema_reset(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     trainable += list(predictor.parameters()) if predictor is not None else []
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -175,6 +191,7 @@ def prepare(config: Config, resume: bool = False) -> Session:
         sampler=PromptSampler(len(problems), config.seed),
         noise_generator=torch.Generator().manual_seed(config.seed),
         eval_problems=eval_problems,
+        replicas=replicas,
     )
     if resume and (last := latest_checkpoint(run_dir / "checkpoints")) is not None:
         state = load_checkpoint(last, model, predictor, optimizer, session.scheduler, session.adapters)
@@ -182,7 +199,8 @@ def prepare(config: Config, resume: bool = False) -> Session:
         session.sampler.load_state_dict(state["sampler"])
         session.noise_generator.set_state(state["noise_generator"])
     for name in ("metrics.jsonl", "rollouts.jsonl"):
-        truncate_jsonl(run_dir / name, session.step)
+        if session.is_main:
+            truncate_jsonl(run_dir / name, session.step)
     return session
 
 
@@ -233,10 +251,18 @@ def update_policy(
     try:
         if session.predictor is not None:
             metrics, weights, token_logprobs = popo_update(
-                session.model, session.predictor, rollouts, rewards, config, session.noise_generator
+                session.model,
+                session.predictor,
+                rollouts,
+                rewards,
+                config,
+                session.noise_generator,
+                session.replicas,
             )
         else:
-            metrics, weights, token_logprobs = grpo_update(session.model, rollouts, rewards, config)
+            metrics, weights, token_logprobs = grpo_update(
+                session.model, rollouts, rewards, config, session.replicas
+            )
         grad_norm = torch.nn.utils.clip_grad_norm_(session.trainable, config.max_grad_norm)
         if not torch.isfinite(grad_norm):
             raise NonFiniteLoss(f"gradient norm is {float(grad_norm)}")
@@ -279,11 +305,16 @@ def save(session: Session) -> Path:
 def run(session: Session) -> Iterator[dict]:
     """Advance `session` to `config.steps`, one optimizer step (and one yielded record) at a time."""
     config, model, tokenizer, run_dir = session.config, session.model, session.tokenizer, session.run_dir
-    reporter = Reporter(config, run_dir, first_step=session.step)
+    replicas = session.replicas
+    reporter = Reporter(config, run_dir, first_step=session.step) if session.is_main else None
     while session.step < config.steps:
         started = time.perf_counter()
         last_checkpoint = latest_checkpoint(run_dir / "checkpoints")
-        batch = [session.problems[i] for i in session.sampler.take(config.prompts_per_step)]
+        chosen = session.sampler.take(config.prompts_per_step)
+        if replicas is not None:  # whole groups per process; each samples with its own seed
+            chosen = replicas.shard(chosen)
+            torch.manual_seed(replicas.step_seed(config.seed, session.step))
+        batch = [session.problems[i] for i in chosen]
         prompts = [format_prompt(p.problem, config.prompt_template, tokenizer) for p in batch]
         with out_of_memory_advice(config, "generation", last_checkpoint):
             rollouts = generate_rollouts(
@@ -296,19 +327,27 @@ def run(session: Session) -> Iterator[dict]:
                 config.top_p,
                 config.max_prompt_tokens,
                 config.generation_batch_size,
+                cache=config.generation_cache,
             )
         reward_started = time.perf_counter()
         rewards, extracted = score_rollouts(rollouts, batch)
         record = {"step": session.step + 1, "algo": config.algo}
+        kl = {}
         if session.predictor is not None and config.kl_every and (session.step + 1) % config.kl_every == 0:
             # Before the update: k3 is unbiased only on samples from the policy it measures.
-            record["kl_policy_ema"] = kl_policy_ema(model, rollouts, config)
+            kl["kl_policy_ema"] = kl_policy_ema(model, rollouts, config)
         update_started = time.perf_counter()
         with out_of_memory_advice(config, "update", last_checkpoint):
             metrics, weights, token_logprobs = update_policy(session, rollouts, rewards)
         session.step += 1
         update_seconds = time.perf_counter() - update_started
-        record.update(step_statistics(rewards, weights, rollouts, config, session.predictor is not None))
+        metrics, lengths = {**kl, **metrics}, rollouts.completion_mask.sum(1)
+        all_rewards, all_weights = rewards, weights
+        if replicas is not None:  # the step's statistics over every process's groups
+            metrics = replicas.mean_metrics(metrics)
+            all_rewards, all_weights, lengths = replicas.gather(rewards, weights, lengths)
+        popo = session.predictor is not None
+        record.update(step_statistics(all_rewards, all_weights, lengths, config, popo))
         record.update(metrics)
         memory, memory_kind = peak_memory_gib(session.device)
         record.update(
@@ -323,6 +362,10 @@ def run(session: Session) -> Iterator[dict]:
                 f"peak_memory_gib_{memory_kind}": memory,
             }
         )
+        if not session.is_main:  # files are the main process's; it logs its own share of the rollouts
+            record["run_dir"] = str(run_dir)
+            yield record
+            continue
         if config.log_rollouts:
             write_rollouts(
                 run_dir / "rollouts.jsonl",
@@ -345,7 +388,10 @@ def run(session: Session) -> Iterator[dict]:
             record["checkpoint"] = str(save(session))  # after the logs: a checkpoint's step is fully logged
         record["run_dir"] = str(run_dir)
         yield record
-    reporter.close()
+    if reporter is not None:
+        reporter.close()
+    if replicas is not None:
+        replicas.wait()  # no process leaves while the main one still writes the last checkpoint
 
 
 def evaluate_during_training(session: Session) -> dict[str, float]:
@@ -376,15 +422,15 @@ def evaluate_during_training(session: Session) -> dict[str, float]:
 
 
 def step_statistics(
-    rewards: torch.Tensor, weights: torch.Tensor, rollouts: Rollouts, config: Config, popo: bool
+    rewards: torch.Tensor, weights: torch.Tensor, lengths: torch.Tensor, config: Config, popo: bool
 ) -> dict:
-    """Reward, positive-set and weight statistics of one step (rewards (B, G), weights (B*G,))."""
+    """Reward, positive-set and weight statistics of one step (rewards (B, G), weights and lengths (B*G,))."""
     positive = rewards > config.reward_threshold  # (B, G)
     stats = {
         "reward_mean": float(rewards.mean()),
         "positive_rate": float(positive.float().mean()),
         "groups_with_positive": float(positive.any(1).float().mean()),
-        "completion_length": float(rollouts.completion_mask.sum(1).float().mean()),
+        "completion_length": float(lengths.float().mean()),
     }
     if not positive.any():
         stats["warning"] = "no positive rollout in this step: POPO has nothing to learn from"

@@ -134,7 +134,11 @@ class POPOConfig(GRPOConfig):
             ),
             (self.off_policy_mask_threshold is None, "off_policy_mask_threshold is not supported with POPO"),
             (not self.use_vllm, "use_vllm is not supported with POPO"),
-            (self.world_size == 1, "POPOTrainer runs in a single process (one GPU)"),
+            (
+                self.world_size == 1,
+                "POPOTrainer runs in a single process (one GPU); for several GPUs use `accelerate launch -m "
+                "popo_lite.train` (README: Several GPUs)",
+            ),
         ]
         for ok, message in checks:
             if not ok:

@@ -1,0 +1,131 @@
+"""Data-parallel training under `accelerate launch`: 2 CPU processes (gloo) must end identical.
+
+Each process trains on its own prompt groups; DDP averages the gradients, so the policy adapter, the
+EMA adapter and the predictor must be bit-for-bit equal on both processes, and must have moved.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CLI_ENV, ROOT
+
+from popo_lite.config import ConfigError
+from popo_lite.distributed import check_split, shard
+
+
+def _free_port() -> int:
+    with socket.socket() as handle:
+        handle.bind(("127.0.0.1", 0))
+        return handle.getsockname()[1]
+
+
+def _launch(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`accelerate launch` with 2 processes; on a machine without CUDA they run on the CPU over gloo."""
+    env = {**os.environ, **CLI_ENV, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        *args,
+    ]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _errors(result: subprocess.CompletedProcess) -> str:
+    """The processes' stderr without the launcher's warnings and progress bars."""
+    lines = result.stderr.splitlines()
+    return "\n".join(line for line in lines if not line.startswith(("W1", "Writing")))[-4000:]
+
+
+def test_two_processes_hold_identical_adapters_ema_and_predictor(tiny_config, tmp_path):
+    config = tiny_config(
+        prompts_per_step=4, rollouts_per_prompt=4, steps=2, micro_batch_size=4, lora_dropout=0.0
+    )
+    config.save(tmp_path / "config.yaml")
+    result = _launch(
+        str(ROOT / "tests" / "distributed_worker.py"),
+        str(tmp_path / "config.yaml"),
+        str(tmp_path),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, _errors(result)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+
+    first, second = (r["state"] for r in ranks)
+    assert (
+        first.keys() == second.keys()
+        and any(".ema." in k for k in first)
+        and any("predictor" in k for k in first)
+    )
+    for name in first:
+        assert torch.equal(first[name], second[name]), f"{name} differs between the processes"
+    moved = [name for name, before in ranks[0]["initial"].items() if not torch.equal(before, first[name])]
+    assert any(".policy." in name for name in moved), "the policy adapter never changed"
+
+    # Each process took 2 whole prompts per step, never the other's (groups are not split).
+    for step in range(2):
+        mine = [r["problems"][2 * step : 2 * step + 2] for r in ranks]
+        assert len(mine[0]) == len(mine[1]) == 2 and not set(mine[0]) & set(mine[1])
+    # Step statistics are over all 4 x 4 rollouts, the same on both processes; files from the main only.
+    assert [rec["reward_mean"] for rec in ranks[0]["records"]] == [
+        rec["reward_mean"] for rec in ranks[1]["records"]
+    ]
+    run_dir = Path(config.output_dir) / config.run_name
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    assert (run_dir / "checkpoints" / "step-000002" / "COMPLETE").is_file()
+
+
+def test_accelerate_launch_of_the_cli_trains_grpo(tiny_cli_args, tmp_path):
+    result = _launch(
+        "-m",
+        "popo_lite.train",
+        *tiny_cli_args,
+        "--algo",
+        "grpo",
+        "--prompts_per_step",
+        "2",
+        "--rollouts_per_prompt",
+        "4",
+        "--steps",
+        "1",
+        "--lora_rank",
+        "2",
+        "--output_dir",
+        str(tmp_path / "runs"),
+        "--run_name",
+        "ddp",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, _errors(result)
+    run_dir = tmp_path / "runs" / "ddp"
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 1
+    assert (run_dir / "checkpoints" / "step-000001" / "COMPLETE").is_file()
+    assert result.stdout.count("run directory:") == 1  # one process prints
+
+
+def test_prompts_split_into_whole_groups_per_process():
+    steps_prompts = list(range(6))
+    shares = [shard(steps_prompts, rank, 3) for rank in range(3)]
+    assert shares == [[0, 1], [2, 3], [4, 5]]
+    check_split(6, 3)
+    with pytest.raises(ConfigError, match="prompts_per_step=6 must be a multiple of the 4 processes"):
+        check_split(6, 4)

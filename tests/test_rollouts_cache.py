@@ -1,0 +1,73 @@
+"""The static KV cache (Config.generation_cache) samples exactly what the default dynamic cache samples."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from unittest import mock
+
+import pytest
+import torch
+
+from popo_lite.config import ConfigError
+from popo_lite.model import load_policy
+from popo_lite.rollouts import _compilable, generate_rollouts
+from popo_lite.trainer import train
+
+PROMPTS = ["7", "12345678", "904"]  # different lengths: left padding in every batch
+
+
+@pytest.mark.parametrize("qlora", [False, True], ids=["fp32", "nf4"])
+def test_static_cache_greedy_rollouts_equal_dynamic_token_for_token(tiny_config, qlora):
+    model, tokenizer, _ = load_policy(tiny_config(qlora=qlora))
+    with torch.no_grad():  # a non-zero LoRA B, so the adapter takes part in every decoding step
+        for name, param in model.named_parameters():
+            if "lora_B.policy" in name:
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+
+    def rollouts(cache: str):
+        return generate_rollouts(
+            model, tokenizer, PROMPTS, group_size=2, max_new_tokens=10, temperature=0, cache=cache
+        )
+
+    dynamic = rollouts("dynamic")
+    for static in (rollouts("static"), rollouts("static")):  # the second reuses the sized static cache
+        assert torch.equal(dynamic.completion_ids, static.completion_ids)
+        assert torch.equal(dynamic.completion_mask, static.completion_mask)
+        assert dynamic.texts == static.texts
+    assert static.num_completion_tokens > len(PROMPTS) * 2  # not all empty: something was compared
+
+
+def test_config_accepts_the_two_caches_and_names_the_field_otherwise(tiny_config):
+    assert tiny_config().generation_cache == "dynamic"
+    assert tiny_config(generation_cache="static").generation_cache == "static"
+    with pytest.raises(ConfigError, match="generation_cache"):
+        tiny_config(generation_cache="paged")
+
+
+def test_generate_rollouts_rejects_an_unknown_cache(tiny_config):
+    model, tokenizer, _ = load_policy(tiny_config())
+    with pytest.raises(ValueError, match="cache"):
+        generate_rollouts(model, tokenizer, PROMPTS, group_size=1, max_new_tokens=2, cache="paged")
+
+
+def test_compile_veto_of_a_bitsandbytes_base_is_lifted_only_inside_the_block():
+    quantizer = SimpleNamespace(quantization_config=SimpleNamespace(quant_method="bitsandbytes"))
+    other = SimpleNamespace(quantization_config=SimpleNamespace(quant_method="gptq"))
+    base = SimpleNamespace(hf_quantizer=quantizer)
+    model = SimpleNamespace(get_base_model=lambda: base)
+    with _compilable(model):
+        assert base.hf_quantizer is None
+    assert base.hf_quantizer is quantizer
+    base.hf_quantizer = other  # another quantiser's veto stands
+    with _compilable(model):
+        assert base.hf_quantizer is other
+
+
+def test_trainer_generates_with_the_configured_cache(tiny_config):
+    class Stop(Exception):
+        pass
+
+    with mock.patch("popo_lite.trainer.generate_rollouts", side_effect=Stop) as generate:
+        with pytest.raises(Stop):
+            next(train(tiny_config(generation_cache="static", steps=1)))
+    assert generate.call_args.kwargs["cache"] == "static"
