@@ -55,10 +55,16 @@ def _errors(result: subprocess.CompletedProcess) -> str:
     return "\n".join(line for line in lines if not line.startswith(("W1", "Writing")))[-4000:]
 
 
-def test_two_processes_hold_identical_adapters_ema_and_predictor(tiny_config, tmp_path):
-    config = tiny_config(
-        prompts_per_step=4, rollouts_per_prompt=4, steps=2, micro_batch_size=4, lora_dropout=0.0
-    )
+@pytest.mark.parametrize(
+    "packing",
+    [
+        {"micro_batch_size": 4},  # the reference's micro-batches: every process runs the same count
+        {"micro_batch_size": 1, "pack_positives": True, "entropy_over": "positives"},  # counts differ
+    ],
+    ids=["plain", "packed"],
+)
+def test_two_processes_hold_identical_adapters_ema_and_predictor(tiny_config, tmp_path, packing):
+    config = tiny_config(prompts_per_step=4, rollouts_per_prompt=6, steps=2, lora_dropout=0.0, **packing)
     config.save(tmp_path / "config.yaml")
     result = _launch(
         str(ROOT / "tests" / "distributed_worker.py"),
@@ -80,6 +86,7 @@ def test_two_processes_hold_identical_adapters_ema_and_predictor(tiny_config, tm
         assert torch.equal(first[name], second[name]), f"{name} differs between the processes"
     moved = [name for name, before in ranks[0]["initial"].items() if not torch.equal(before, first[name])]
     assert any(".policy." in name for name in moved), "the policy adapter never changed"
+    assert sum(rec["positive_rate"] for rec in ranks[0]["records"]) > 0  # something was learned from
 
     # Each process took 2 whole prompts per step, never the other's (groups are not split).
     for step in range(2):
