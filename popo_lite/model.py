@@ -165,6 +165,11 @@ def load_base(config: Config, check_tokenizer=None) -> tuple[object, object, tor
 def load_policy(config: Config, check_tokenizer=None) -> tuple[PeftModel, object, torch.device]:
     """`load_base`, then the "policy" and "ema" LoRA adapters on it: (model, tokenizer, device)."""
     base, tokenizer, device = load_base(config, check_tokenizer)
+    return attach_adapters(base, config), tokenizer, device
+
+
+def attach_adapters(base, config: Config) -> PeftModel:
+    """The "policy" LoRA adapter (active, trainable) and the "ema" one (frozen) on a frozen base; fp32."""
     if config.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
@@ -175,4 +180,4 @@ def load_policy(config: Config, check_tokenizer=None) -> tuple[PeftModel, object
             # fp32 adapters: the EMA update (1 - tau) * delta underflows in bf16 at tau = 0.999.
             param.data = param.data.float()
     model.set_adapter(POLICY)
-    return model, tokenizer, device
+    return model
