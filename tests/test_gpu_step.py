@@ -10,7 +10,16 @@ from pathlib import Path
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_step.py"
-PHASES = ["build", "rollout_eager", "rollout_full", "rollout_static", "popo_step", "grpo_step"]
+PHASES = [
+    "build",
+    "rollout_eager",
+    "rollout_full",
+    "rollout_static",
+    "popo_step",
+    "popo_step_entropy_positives",
+    "popo_step_packed",
+    "grpo_step",
+]
 
 
 def load_bench():
