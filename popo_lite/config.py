@@ -97,6 +97,15 @@ class Config:
         "1.6x at batch 64 on an H100, 57 s first compile).",
         ("dynamic", "static"),
     )
+    generation_backend: str = _f(
+        "hf",
+        "Rollout engine: hf = Hugging Face generate on the training model; vllm = a vLLM engine on the same "
+        "GPU, given the policy adapter per request (optional: needs vLLM and CUDA; not run by our CI).",
+        ("hf", "vllm"),
+    )
+    vllm_gpu_memory_utilization: float = _f(
+        0.3, "vllm backend: fraction of GPU memory vLLM may take (its weights and KV cache); the rest trains."
+    )
 
     # --- algorithm ---------------------------------------------------------------------------------
     algo: str = _f("popo", "popo = positive-only policy optimisation; grpo = the baseline.", ("popo", "grpo"))
@@ -198,7 +207,7 @@ class Config:
             raise ConfigError(f"rollouts_per_prompt must be >= 1, got {self.rollouts_per_prompt}")
         if self.algo == "grpo" and self.rollouts_per_prompt < 2:
             raise ConfigError("rollouts_per_prompt must be >= 2 for grpo: its advantage compares a group")
-        for name in ("tau", "top_p", "lora_dropout", "warmup_ratio"):
+        for name in ("tau", "top_p", "lora_dropout", "warmup_ratio", "vllm_gpu_memory_utilization"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.top_p == 0.0:

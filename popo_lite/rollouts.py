@@ -109,16 +109,7 @@ def generate_rollouts(
     start = time.perf_counter()
     device = next(model.parameters()).device
     cache_options = _cache_options(cache, device)
-    encoded = tokenizer(
-        prompts,
-        return_tensors="pt",
-        padding=True,
-        truncation=True,
-        max_length=max_prompt_tokens,
-        add_special_tokens=False,
-    )
-    prompt_ids = encoded["input_ids"].repeat_interleave(group_size, dim=0).to(device)  # (B*G, P)
-    prompt_mask = encoded["attention_mask"].repeat_interleave(group_size, dim=0).to(device)
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, group_size, max_prompt_tokens, device)
     stop_ids = eos_ids(model, tokenizer)
     if temperature == 0:
         # None clears sampling knobs a model's generation_config may carry (Qwen ships temperature 0.7).
@@ -145,10 +136,40 @@ def generate_rollouts(
                 pieces.append(output[:, prompt_ids.shape[1] :])
     finally:
         model.train(was_training)
+    return assemble(prompt_ids, prompt_mask, pieces, tokenizer, stop_ids, group_size, start)
+
+
+def encode_prompts(
+    tokenizer, prompts: list[str], group_size: int, max_prompt_tokens: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids and mask, each prompt repeated for its group: (B*G, P) each."""
+    encoded = tokenizer(
+        prompts,
+        return_tensors="pt",
+        padding=True,
+        truncation=True,
+        max_length=max_prompt_tokens,
+        add_special_tokens=False,
+    )
+    prompt_ids = encoded["input_ids"].repeat_interleave(group_size, dim=0).to(device)  # (B*G, P)
+    prompt_mask = encoded["attention_mask"].repeat_interleave(group_size, dim=0).to(device)
+    return prompt_ids, prompt_mask
+
+
+def assemble(
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    pieces: list[torch.Tensor],
+    tokenizer,
+    stop_ids: list[int],
+    group_size: int,
+    start: float,
+) -> Rollouts:
+    """Rollouts from sampled completion ids (row batches of any width): padded, masked after EOS, decoded."""
     width = max(piece.shape[1] for piece in pieces)
     completion_ids = torch.cat(
         [torch.nn.functional.pad(p, (0, width - p.shape[1]), value=tokenizer.pad_token_id) for p in pieces]
-    )  # (B*G, T)
+    ).to(prompt_ids.device)  # (B*G, T)
     completion_mask = completion_mask_from(completion_ids, stop_ids)
     completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
     lengths = completion_mask.sum(1).tolist()

@@ -13,9 +13,10 @@ import random
 import resource
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,7 @@ class Session:
     eval_problems: dict[str, list[Problem]]
     step: int = 0
     replicas: Replicas | None = None  # set under `accelerate launch` with several processes
+    generate: Callable[..., Rollouts] | None = None  # generate_rollouts' positional arguments
 
     @property
     def adapters(self) -> tuple[str, ...]:
@@ -192,6 +194,7 @@ def prepare(config: Config, resume: bool = False) -> Session:
         noise_generator=torch.Generator().manual_seed(config.seed),
         eval_problems=eval_problems,
         replicas=replicas,
+        generate=rollout_engine(config, run_dir, replicas.rank if replicas else 0),
     )
     if resume and (last := latest_checkpoint(run_dir / "checkpoints")) is not None:
         state = load_checkpoint(last, model, predictor, optimizer, session.scheduler, session.adapters)
@@ -202,6 +205,15 @@ def prepare(config: Config, resume: bool = False) -> Session:
         if session.is_main:
             truncate_jsonl(run_dir / name, session.step)
     return session
+
+
+def rollout_engine(config: Config, run_dir: Path, rank: int) -> Callable[..., Rollouts]:
+    """`generate_rollouts` with the config's batch size and cache, or the optional vLLM engine."""
+    if config.generation_backend == "vllm":
+        from popo_lite.vllm_backend import VLLMRollouts
+
+        return VLLMRollouts(config, run_dir / "vllm_adapter" / f"process-{rank}")
+    return partial(generate_rollouts, batch_size=config.generation_batch_size, cache=config.generation_cache)
 
 
 def train(config: Config, resume: bool = False) -> Iterator[dict]:
@@ -317,7 +329,7 @@ def run(session: Session) -> Iterator[dict]:
         batch = [session.problems[i] for i in chosen]
         prompts = [format_prompt(p.problem, config.prompt_template, tokenizer) for p in batch]
         with out_of_memory_advice(config, "generation", last_checkpoint):
-            rollouts = generate_rollouts(
+            rollouts = session.generate(
                 model,
                 tokenizer,
                 prompts,
@@ -326,8 +338,6 @@ def run(session: Session) -> Iterator[dict]:
                 config.temperature,
                 config.top_p,
                 config.max_prompt_tokens,
-                config.generation_batch_size,
-                cache=config.generation_cache,
             )
         reward_started = time.perf_counter()
         rewards, extracted = score_rollouts(rollouts, batch)
