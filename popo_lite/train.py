@@ -91,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     # Heavy imports (torch, transformers) only once the config is known to be good: --help stays fast.
     from popo_lite.data import DataError
     from popo_lite.distributed import is_main_process
+    from popo_lite.failures import TrainingError
     from popo_lite.model import ModelError
-    from popo_lite.trainer import TrainingError, train
+    from popo_lite.trainer import train
 
     record: dict = {}
     main_process = is_main_process()  # under `accelerate launch` only one process prints

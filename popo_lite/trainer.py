@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 import math
 import random
-import resource
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -32,8 +30,10 @@ from popo_lite.config import Config, ConfigError
 from popo_lite.data import Problem, format_prompt, load_problems
 from popo_lite.distributed import Replicas, Scorer
 from popo_lite.distributed import start as start_replicas
-from popo_lite.evaluate import EvalSettings, evaluate_problems, load_benchmarks
+from popo_lite.evaluate import load_benchmarks
+from popo_lite.failures import TrainingError, out_of_memory_advice
 from popo_lite.model import EMA, POLICY, load_policy
+from popo_lite.records import evaluate_during_training, peak_memory_gib, step_statistics
 from popo_lite.reporting import Reporter, check_reporters
 from popo_lite.rewards import score
 from popo_lite.rollouts import Rollouts, generate_rollouts
@@ -67,12 +67,6 @@ class PromptSampler:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.offset = state["epoch"], state["offset"]
-
-
-def peak_memory_gib(device: torch.device) -> tuple[float, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30, "gpu"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "rss"  # ru_maxrss is KiB on Linux
 
 
 def lr_lambda(config: Config):
@@ -219,35 +213,6 @@ def rollout_engine(config: Config, run_dir: Path, rank: int) -> Callable[..., Ro
 def train(config: Config, resume: bool = False) -> Iterator[dict]:
     """Train the LoRA policy with POPO or GRPO; yield one record per optimizer step."""
     yield from run(prepare(config, resume))
-
-
-class TrainingError(RuntimeError):
-    """A run cannot go on (out of memory, disk full); the message says what to change.
-
-    Raised only between checkpoints: the last complete checkpoint is always left valid.
-    """
-
-
-OOM_ADVICE = {
-    "generation": "lower generation_batch_size (now {generation_batch_size}), max_new_tokens (now "
-    "{max_new_tokens}) or prompts_per_step x rollouts_per_prompt "
-    "(now {prompts_per_step} x {rollouts_per_prompt})",
-    "update": "lower micro_batch_size (now {micro_batch_size}) or max_new_tokens (now {max_new_tokens}), "
-    "keep gradient_checkpointing on (now {gradient_checkpointing}), or use --qlora (now {qlora})",
-}
-
-
-@contextmanager
-def out_of_memory_advice(config: Config, phase: str, last_checkpoint: Path | None) -> Iterator[None]:
-    """Turn a GPU out-of-memory error into one message naming the config fields to lower."""
-    try:
-        yield
-    except torch.OutOfMemoryError:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        kept = f"; the last checkpoint ({last_checkpoint}) is intact" if last_checkpoint else ""
-        advice = OOM_ADVICE[phase].format(**config.to_dict())
-        raise TrainingError(f"out of GPU memory during {phase}: {advice}{kept}") from None
 
 
 def update_policy(
@@ -402,49 +367,3 @@ def run(session: Session) -> Iterator[dict]:
         reporter.close()
     if replicas is not None:
         replicas.wait()  # no process leaves while the main one still writes the last checkpoint
-
-
-def evaluate_during_training(session: Session) -> dict[str, float]:
-    """Greedy pass@1 of the policy on each eval benchmark; full results in `eval/step-NNNNNN.json`.
-
-    Runs on the training process's main thread (math-verify's timeouts need it). Evaluation seeds each
-    batch inside `torch.random.fork_rng`, so a run with evaluation samples the same rollouts as one without.
-    """
-    config = session.config
-    settings = EvalSettings(
-        max_new_tokens=config.eval_max_new_tokens or config.max_new_tokens,
-        prompt_template=config.prompt_template,
-        batch_size=config.generation_batch_size or config.rollouts_per_step,
-        max_prompt_tokens=config.max_prompt_tokens,
-    )
-    results = {
-        name: evaluate_problems(session.model, session.tokenizer, problems, settings, name=name)
-        for name, problems in session.eval_problems.items()
-    }
-    folder = session.run_dir / "eval"
-    folder.mkdir(exist_ok=True)
-    summary = {name: {k: v for k, v in result.items() if k != "records"} for name, result in results.items()}
-    (folder / f"{checkpoint_name(session.step)}.json").write_text(json.dumps(summary, indent=1))
-    with open(folder / f"{checkpoint_name(session.step)}-records.jsonl", "w") as handle:
-        for result in results.values():
-            handle.writelines(json.dumps(record) + "\n" for record in result["records"])
-    return {f"eval_{name}": result["score"] for name, result in results.items()}
-
-
-def step_statistics(
-    rewards: torch.Tensor, weights: torch.Tensor, lengths: torch.Tensor, config: Config, popo: bool
-) -> dict:
-    """Reward, positive-set and weight statistics of one step (rewards (B, G), weights and lengths (B*G,))."""
-    positive = rewards > config.reward_threshold  # (B, G)
-    stats = {
-        "reward_mean": float(rewards.mean()),
-        "positive_rate": float(positive.float().mean()),
-        "groups_with_positive": float(positive.any(1).float().mean()),
-        "completion_length": float(lengths.float().mean()),
-    }
-    if not positive.any():
-        stats["warning"] = "no positive rollout in this step: POPO has nothing to learn from"
-    elif popo:
-        positive_weights = weights.detach().cpu()[positive.flatten()]
-        stats.update(weight_max=float(positive_weights.max()), weight_min=float(positive_weights.min()))
-    return stats

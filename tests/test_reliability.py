@@ -18,12 +18,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import popo_lite.checkpoint as checkpoint_module
-import popo_lite.trainer as trainer_module
 import popo_lite.updates as updates_module
 from popo_lite.checkpoint import latest_checkpoint
+from popo_lite.failures import TrainingError
 from popo_lite.rewards import score
 from popo_lite.siamese import adapter_pairs
-from popo_lite.trainer import TrainingError, prepare, run
+from popo_lite.trainer import prepare, run
 
 TIMING = ("seconds", "tokens_per_s", "peak_memory")
 
@@ -66,7 +66,7 @@ def test_out_of_memory_names_the_fields_to_lower_and_keeps_the_checkpoint(tiny_c
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(trainer_module, "generate_rollouts", out_of_memory)
+    session.generate = out_of_memory  # the rollout engine the session was prepared with
     with pytest.raises(TrainingError, match="generation_batch_size") as caught:
         next(steps)
     assert "step-000001" in str(caught.value)
