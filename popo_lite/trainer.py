@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from popo_lite.benchmarks import load_benchmarks
 from popo_lite.checkpoint import (
     checkpoint_name,
     latest_checkpoint,
@@ -30,7 +31,6 @@ from popo_lite.config import Config, ConfigError
 from popo_lite.data import Problem, format_prompt, load_problems
 from popo_lite.distributed import Replicas, Scorer
 from popo_lite.distributed import start as start_replicas
-from popo_lite.evaluate import load_benchmarks
 from popo_lite.failures import TrainingError, out_of_memory_advice
 from popo_lite.model import EMA, POLICY, load_policy
 from popo_lite.records import evaluate_during_training, peak_memory_gib, step_statistics
