@@ -16,30 +16,31 @@ from torch import nn
 from popo_lite.model import EMA, POLICY
 
 
-def adapter_pairs(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(policy tensor, ema tensor) for every LoRA parameter, matched by name."""
+def adapter_pairs(model: nn.Module, policy: str = POLICY) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(policy tensor, ema tensor) for every LoRA parameter, matched by name; `policy` names the
+    trained adapter ("policy" in popo_lite, "default" in a TRL-made PeftModel)."""
     params = dict(model.named_parameters())
     pairs = []
     for name, param in params.items():
-        if f".{POLICY}." in name:
-            pairs.append((param, params[name.replace(f".{POLICY}.", f".{EMA}.")]))
+        if f".{policy}." in name:
+            pairs.append((param, params[name.replace(f".{policy}.", f".{EMA}.")]))
     if not pairs:
-        raise ValueError(f"model has no LoRA adapter named {POLICY!r}")
+        raise ValueError(f"model has no LoRA adapter named {policy!r}")
     return pairs
 
 
 @torch.no_grad()
-def ema_reset(model: nn.Module) -> None:
+def ema_reset(model: nn.Module, policy: str = POLICY) -> None:
     """xi <- theta: the siamese branch starts as a copy of the policy adapter."""
-    for policy, ema in adapter_pairs(model):
-        ema.copy_(policy.float())
+    for theta, xi in adapter_pairs(model, policy):
+        xi.copy_(theta.float())
 
 
 @torch.no_grad()
-def ema_update(model: nn.Module, tau: float) -> None:
+def ema_update(model: nn.Module, tau: float, policy: str = POLICY) -> None:
     """The momentum law, once per optimizer step: xi <- tau * xi + (1 - tau) * theta (in fp32)."""
-    for policy, ema in adapter_pairs(model):
-        ema.mul_(tau).add_(policy.float(), alpha=1.0 - tau)
+    for theta, xi in adapter_pairs(model, policy):
+        xi.mul_(tau).add_(theta.float(), alpha=1.0 - tau)
 
 
 @contextmanager

@@ -55,7 +55,7 @@ from popo_lite.logprobs import CompletionStats, completion_stats
 from popo_lite.model import EMA
 from popo_lite.objectives import ENTROPY_OVER, WEIGHT_MODES, popo_loss, popo_weights
 from popo_lite.siamese import Predictor, adapter_pairs, ema_forward, ema_reset
-from popo_lite.trl_callbacks import AdapterView, EMAUpdateCallback
+from popo_lite.trl_callbacks import EMAUpdateCallback
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "popo_state.pt"
@@ -176,13 +176,13 @@ class POPOTrainer(GRPOTrainer):
                 # fp32 shadow: (1 - tau) * delta underflows in bf16 at tau = 0.999 (POPO_SPEC section 2).
                 param.data = param.data.float()
         peft_model.set_adapter(policy)  # also makes the policy trainable and the EMA frozen again
-        self.adapters = AdapterView(peft_model, policy)
-        ema_reset(self.adapters)
+        self.peft_model, self.policy_adapter = peft_model, policy
+        ema_reset(peft_model, policy)
         hidden_size = peft_model.get_base_model().config.get_text_config().hidden_size
         self.predictor = Predictor(hidden_size, args.popo_predictor_dim).to(self.accelerator.device)
         self.noise_generator = torch.Generator().manual_seed(args.seed)
         self._popo_rewards_per_func: torch.Tensor | None = None
-        self.add_callback(EMAUpdateCallback(self.adapters, self.predictor, args.popo_tau))
+        self.add_callback(EMAUpdateCallback(peft_model, policy, self.predictor, args.popo_tau))
 
     # ---- scoring: rewards -> group weights, before TRL shuffles the generation batch ----
 
@@ -328,10 +328,14 @@ class POPOTrainer(GRPOTrainer):
         )
         state = {
             "predictor": self.predictor.state_dict(),
-            "ema": [ema.detach().cpu() for _, ema in adapter_pairs(self.adapters)],
+            "ema": [ema.detach().cpu() for _, ema in self.adapter_pairs()],
             "noise_generator": self.noise_generator.get_state(),
         }
         torch.save(state, os.path.join(folder, STATE_FILE))
+
+    def adapter_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(policy tensor, EMA tensor) pairs of the trained adapter."""
+        return adapter_pairs(self.peft_model, self.policy_adapter)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -341,7 +345,7 @@ class POPOTrainer(GRPOTrainer):
         state = torch.load(path, map_location="cpu", weights_only=True)
         self.predictor.load_state_dict(state["predictor"])
         with torch.no_grad():
-            for (_, ema), saved in zip(adapter_pairs(self.adapters), state["ema"], strict=True):
+            for (_, ema), saved in zip(self.adapter_pairs(), state["ema"], strict=True):
                 ema.copy_(saved)
         self.noise_generator.set_state(state["noise_generator"])
 

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from popo_lite.objectives import popo_loss, popo_weights
 from popo_lite.rewards import math_reward
-from popo_lite.siamese import adapter_pairs, ema_forward
+from popo_lite.siamese import ema_forward
 from popo_lite.trl import POPOConfig, POPOTrainer
 
 GROUP = 4
@@ -223,7 +223,7 @@ def scored(tiny_model_dir, digit_problems, tmp_path):
     )
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():  # LoRA B starts at 0: make both adapters do something, and differ
-        for policy, ema in adapter_pairs(trainer.adapters):
+        for policy, ema in trainer.adapter_pairs():
             policy.add_(0.3 * torch.randn(policy.shape, generator=generator))
             ema.add_(0.3 * torch.randn(ema.shape, generator=generator))
     trainer.model.train()
@@ -276,7 +276,7 @@ def test_trainer_loss_equals_popo_loss_on_the_same_batch(scored):
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     loss.backward()
     assert all(p.grad is not None for p in trainer.predictor.parameters())
-    assert all(ema.grad is None for _, ema in adapter_pairs(trainer.adapters))
+    assert all(ema.grad is None for _, ema in trainer.adapter_pairs())
 
 
 def test_micro_batch_without_positive_gives_zero_loss_and_no_gradient(scored):
