@@ -10,7 +10,8 @@ Why it is shaped as it is:
    first byte (a plain start refuses a run directory that already holds a file).
 3. One job per GPU: an exclusive lock file `<root>/.active-<slot>.json` holding the pid, taken with
    O_EXCL. A lock whose process is gone (ended, crashed, machine rebooted) is stale: the next look
-   clears it, so nothing has to be watching when a job ends. Runs started from the CLI take no lock.
+   clears it, so nothing has to be watching when a job ends. `python -m popo_lite.train` takes the same
+   lock for its own pid (`holding_slot`), so a terminal run and a panel run never share a GPU.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +36,7 @@ from popo_lite.runs import RunsError, check_name, read_config, read_jsonl, resol
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 LOG_NAME = "train.log"
 STOPPED_LINE = "[panel] stopped by the user"
+PANEL_JOB_ENV = "POPO_LITE_PANEL_JOB"  # set in a panel job's environment: the panel holds its slot
 
 _CHILDREN: dict[int, subprocess.Popen] = {}  # our own children, polled so that they never linger as zombies
 
@@ -119,7 +123,7 @@ def _spawn(root: Path, slot: str, job: dict, command: list[str], log: Path) -> i
     """Start `command` detached, output to `log`, holding `slot` for as long as it lives."""
     lock = _claim(root, slot, {**job, "pid": None, "started": time.time()})
     try:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", PANEL_JOB_ENV: slot}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
         with open(log, "ab") as output:
             child = subprocess.Popen(
@@ -136,6 +140,25 @@ def _spawn(root: Path, slot: str, job: dict, command: list[str], log: Path) -> i
     _CHILDREN[child.pid] = child
     lock.write_text(json.dumps({**job, "pid": child.pid, "started": time.time()}))
     return child.pid
+
+
+@contextmanager
+def holding_slot(root: str | Path, slot: str, run: str) -> Iterator[None]:
+    """Hold `slot` for a command-line training run while it lives (RunsError when another job has it).
+
+    A job the panel started already holds its slot for this process: nothing to take then.
+    """
+    if os.environ.get(PANEL_JOB_ENV) == slot:
+        yield
+        return
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    job = {"run": run, "kind": "training", "module": "popo_lite.train", "origin": "command line"}
+    path = _claim(root, slot, {**job, "pid": os.getpid(), "started": time.time()})
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def launch_run(
@@ -183,6 +206,8 @@ def stop_run(root: str | Path, name: str, grace_s: float = 10.0) -> str:
     job = active_job(root, slot)
     if job is None or job.get("run") != name or job.get("pid") is None:
         return f"run {name!r} has no active job started from the panel"
+    if job.get("origin") == "command line":
+        return f"run {name!r} was started from the command line (pid {job['pid']}): stop it there"
     pid = int(job["pid"])
     os.killpg(pid, signal.SIGTERM)  # the group: the math-verify helper goes too
     deadline = time.monotonic() + grace_s

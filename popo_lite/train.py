@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -92,26 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     from popo_lite.data import DataError
     from popo_lite.distributed import is_main_process
     from popo_lite.failures import TrainingError
+    from popo_lite.jobs import holding_slot, slot_of
     from popo_lite.model import ModelError
+    from popo_lite.runs import RunsError
     from popo_lite.trainer import train
 
-    record: dict = {}
     main_process = is_main_process()  # under `accelerate launch` only one process prints
+    # One job per GPU, as the web panel keeps it; under `accelerate launch` the main process holds it.
+    slot = holding_slot(config.output_dir, slot_of(config.device), config.run_name or config.algo)
     try:
-        progress = tqdm(
-            total=config.steps, desc=f"{config.algo} {config.model}", unit="step", disable=not main_process
-        )
-        for record in train(config, resume=resume):
-            progress.n = record["step"]
-            progress.set_postfix(
-                reward=f"{record['reward_mean']:.3f}",
-                pos=f"{record['positive_rate']:.2f}",
-                loss=f"{record['loss']:.4f}" if "loss" in record else "-",
-            )
-            if "warning" in record and main_process:
-                tqdm.write(f"step {record['step']}: {record['warning']}")
-        progress.close()
-    except (ConfigError, DataError, ModelError, TrainingError, FileNotFoundError) as error:
+        with slot if main_process else nullcontext():
+            record = _train_with_progress(train, config, resume, main_process)
+    except (ConfigError, DataError, ModelError, RunsError, TrainingError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if main_process and record:
@@ -119,6 +112,23 @@ def main(argv: list[str] | None = None) -> int:
     elif main_process:
         print(f"nothing to do: the run already has {config.steps} steps")
     return 0
+
+
+def _train_with_progress(train, config: Config, resume: bool, show: bool) -> dict:
+    """Run `train(config)` under a progress bar; returns the last step's record ({} if none ran)."""
+    record: dict = {}
+    progress = tqdm(total=config.steps, desc=f"{config.algo} {config.model}", unit="step", disable=not show)
+    for record in train(config, resume=resume):
+        progress.n = record["step"]
+        progress.set_postfix(
+            reward=f"{record['reward_mean']:.3f}",
+            pos=f"{record['positive_rate']:.2f}",
+            loss=f"{record['loss']:.4f}" if "loss" in record else "-",
+        )
+        if "warning" in record and show:
+            tqdm.write(f"step {record['step']}: {record['warning']}")
+    progress.close()
+    return record
 
 
 if __name__ == "__main__":

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from conftest import CLI_ENV, ROOT
 
+from popo_lite import jobs
 from popo_lite.config import Config, ConfigError, load_config
 from popo_lite.train import build_parser
 
@@ -53,6 +56,7 @@ def test_cli_subprocess_trains_tiny_model_and_writes_run_directory(tiny_cli_args
     assert not (run_dir / "rollouts.jsonl").exists()
     assert (run_dir / "checkpoints" / "step-000002" / "COMPLETE").is_file()
     assert load_config(run_dir / "config.yaml").lora_rank == 2  # the resolved config round-trips
+    assert not list((tmp_path / "runs").glob(".active-*"))  # its slot was held, and is free again
 
 
 def test_cli_bad_config_key_exits_nonzero_naming_the_key(tmp_path):
@@ -116,3 +120,28 @@ def test_malformed_yaml_and_missing_file_are_clear_errors(tmp_path):
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     load_config(path)
+
+
+def test_cli_refuses_a_slot_another_run_holds(tiny_cli_args, tmp_path):
+    """One job per GPU (or CPU), as in the panel: a second command-line run is refused by name, and the
+    panel will not stop a command-line run it did not start."""
+    root = tmp_path / "runs"
+    (root / "other").mkdir(parents=True)
+    Config(device="cpu", output_dir=str(root), run_name="other").save(root / "other" / "config.yaml")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "popo_lite.train"])
+    try:
+        lock = {"run": "other", "kind": "training", "module": "popo_lite.train", "origin": "command line"}
+        (root / ".active-cpu.json").write_text(
+            json.dumps({**lock, "pid": holder.pid, "started": time.time()})
+        )
+        result = _cli(
+            *tiny_cli_args, "--device", "cpu", "--output_dir", str(root), "--run_name", "b", cwd=tmp_path
+        )
+        assert result.returncode == 2
+        assert "cpu is busy" in result.stderr and "'other'" in result.stderr, result.stderr[-1000:]
+        assert not (root / "b").exists()
+        assert "started from the command line" in jobs.stop_run(root, "other")
+        assert holder.poll() is None  # not killed
+    finally:
+        holder.kill()
+        holder.wait()
