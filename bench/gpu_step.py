@@ -193,6 +193,7 @@ def sample(model, tokenizer, prompts, config: Config, new_tokens: int, cache: st
         config.max_prompt_tokens,
         config.generation_batch_size,
         cache=cache,
+        prefill_chunk_size=config.prefill_chunk_size,
     )
 
 

@@ -97,6 +97,12 @@ class Config:
         "1.6x at batch 64 on an H100, 57 s first compile).",
         ("dynamic", "static"),
     )
+    prefill_chunk_size: int | None = _f(
+        None,
+        "Prompt positions per prefill forward (None = whole prompts at once). Bounds the prefill's memory, "
+        "which for B x G long prompts can exceed the training step's (see python -m popo_lite.plan); "
+        "the same tokens are sampled.",
+    )
     generation_backend: str = _f(
         "hf",
         "Rollout engine: hf = Hugging Face generate on the training model; vllm = a vLLM engine on the same "
@@ -232,8 +238,9 @@ class Config:
                 "pack_positives trains positives only: set entropy_over: positives or beta_entropy: 0 (the "
                 "reference's entropy over all completions needs every rollout in the forward)"
             )
-        if self.generation_batch_size is not None and self.generation_batch_size <= 0:
-            raise ConfigError(f"generation_batch_size must be > 0, got {self.generation_batch_size}")
+        for name in ("generation_batch_size", "prefill_chunk_size"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.run_name is not None and (
             Path(self.run_name).name != self.run_name or self.run_name in ("", ".", "..")
         ):

@@ -100,6 +100,7 @@ def generate_rollouts(
     max_prompt_tokens: int = 512,
     batch_size: int | None = None,
     cache: str = "dynamic",
+    prefill_chunk_size: int | None = None,
 ) -> Rollouts:
     """Sample `group_size` completions for each prompt with the model's active adapter.
 
@@ -109,6 +110,8 @@ def generate_rollouts(
     start = time.perf_counter()
     device = next(model.parameters()).device
     cache_options = _cache_options(cache, device)
+    if prefill_chunk_size is not None:  # prompts enter the KV cache this many positions per forward
+        cache_options["prefill_chunk_size"] = prefill_chunk_size
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, group_size, max_prompt_tokens, device)
     stop_ids = eos_ids(model, tokenizer)
     if temperature == 0:

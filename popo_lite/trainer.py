@@ -207,7 +207,12 @@ def rollout_engine(config: Config, run_dir: Path, rank: int) -> Callable[..., Ro
         from popo_lite.vllm_backend import VLLMRollouts
 
         return VLLMRollouts(config, run_dir / "vllm_adapter" / f"process-{rank}")
-    return partial(generate_rollouts, batch_size=config.generation_batch_size, cache=config.generation_cache)
+    return partial(
+        generate_rollouts,
+        batch_size=config.generation_batch_size,
+        cache=config.generation_cache,
+        prefill_chunk_size=config.prefill_chunk_size,
+    )
 
 
 def train(config: Config, resume: bool = False) -> Iterator[dict]:

@@ -37,6 +37,36 @@ def test_static_cache_greedy_rollouts_equal_dynamic_token_for_token(tiny_config,
     assert static.num_completion_tokens > len(PROMPTS) * 2  # not all empty: something was compared
 
 
+def test_chunked_prefill_greedy_rollouts_equal_whole_prompt_prefill(tiny_config):
+    model, tokenizer, _ = load_policy(tiny_config())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B.policy" in name:
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+
+    def rollouts(chunk: int | None):
+        options = {"max_new_tokens": 10, "temperature": 0, "prefill_chunk_size": chunk}
+        return generate_rollouts(model, tokenizer, PROMPTS, group_size=2, **options)
+
+    forwards: list[int] = []  # positions fed per decoder forward
+    decoder = model.get_base_model().get_decoder()
+    hook = decoder.register_forward_pre_hook(
+        lambda _, args, kwargs: forwards.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    whole = rollouts(None)
+    assert forwards[0] == 8  # the longest prompt, in one forward
+    for chunk in (1, 3, 5):  # chunks that end inside the padding of the shorter prompts
+        forwards.clear()
+        chunked = rollouts(chunk)
+        assert forwards[: -(10 - 1)] == [chunk] * (8 // chunk) + ([8 % chunk] if 8 % chunk else [])
+        assert torch.equal(whole.completion_ids, chunked.completion_ids), chunk
+        assert whole.texts == chunked.texts
+    hook.remove()
+    assert whole.num_completion_tokens > len(PROMPTS) * 2
+    with pytest.raises(ConfigError, match="prefill_chunk_size must be > 0"):
+        tiny_config(prefill_chunk_size=0)
+
+
 def test_config_accepts_the_two_caches_and_names_the_field_otherwise(tiny_config):
     assert tiny_config().generation_cache == "dynamic"
     assert tiny_config(generation_cache="static").generation_cache == "static"
