@@ -22,6 +22,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -159,6 +160,28 @@ def holding_slot(root: str | Path, slot: str, run: str) -> Iterator[None]:
         yield
     finally:
         path.unlink(missing_ok=True)
+
+
+def plan_memory(config_text: str, overrides: dict, gpu_gib: float) -> str:
+    """`python -m popo_lite.plan` on YAML text plus overrides, in a subprocess (it may load a model's
+    shapes: torch stays out of the panel process); returns its table, verdict or error."""
+    try:
+        values = yaml.safe_load(config_text or "") or {}
+    except yaml.YAMLError as error:
+        return f"the config is not valid YAML: {error}"
+    if not isinstance(values, dict):
+        return "the config must be a mapping of config keys"
+    env = {**os.environ}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "config.yaml"
+        path.write_text(yaml.safe_dump({**values, **overrides}))
+        command = [sys.executable, "-m", "popo_lite.plan", "--config", str(path), "--gpu_gib", str(gpu_gib)]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+        except subprocess.TimeoutExpired:
+            return "the memory plan took more than 5 minutes (loading the model's shapes?)"
+    return (done.stdout if done.returncode in (0, 1) else done.stderr).strip()
 
 
 def launch_run(

@@ -77,13 +77,24 @@ def sync_form(text: str) -> tuple:
     return model, *[values[name] for name in FORM[1:]], values
 
 
-def start_run(root: Path, text: str, filled: dict, name: str, *form) -> tuple:
-    """Start a run from the editor's YAML, overridden by the form fields the user changed."""
-    overrides = {
+def _form_overrides(filled: dict, form: tuple) -> dict:
+    """The form fields the user changed since the YAML filled them."""
+    return {
         key: value
         for key, value in zip(FORM, form, strict=True)
         if value is not None and value != "" and value != (filled or {}).get(key)
     }
+
+
+def plan_memory(text: str, filled: dict, gpu_gib: float, *form) -> str:
+    """The predicted peak GPU memory of the config as it would start (python -m popo_lite.plan)."""
+    plan = jobs.plan_memory(text, _form_overrides(filled, form), float(gpu_gib or 24))
+    return f"```\n{plan}\n```"
+
+
+def start_run(root: Path, text: str, filled: dict, name: str, *form) -> tuple:
+    """Start a run from the editor's YAML, overridden by the form fields the user changed."""
+    overrides = _form_overrides(filled, form)
     algo = overrides.get("algo") or (filled or {}).get("algo") or "popo"
     name = (name or "").strip() or f"{algo}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
@@ -285,6 +296,11 @@ def build_panel(root: str | Path, configs: str | Path) -> gr.Blocks:
                     resume = gr.Button("Resume", elem_id="resume-button")
                     stop = gr.Button("Stop", variant="stop", elem_id="stop-button")
                 launch_message = gr.Markdown(elem_id="launch-message")
+                with gr.Row():
+                    card = gr.Number(24, label="GPU memory (GiB)", minimum=1, elem_id="card-gib", scale=1)
+                    plan = gr.Button("Plan memory", elem_id="plan-button", scale=1)
+                    gr.Markdown("Predicted peak of the config above, before anything loads.", scale=3)
+                plan_message = gr.Markdown(elem_id="plan-message")
                 active = gr.Markdown(jobs_line(root), elem_id="active-jobs")
             with gr.Tab("Watch", id="watch"):
                 watched = gr.Dropdown(
@@ -351,6 +367,7 @@ def build_panel(root: str | Path, configs: str | Path) -> gr.Blocks:
         start.click(
             partial(start_run, root), [editor, filled, run_name, *form], [launch_message, run_name, *pickers]
         )
+        plan.click(plan_memory, [editor, filled, card, *form], plan_message)
         resume.click(partial(resume_run, root), run_name, launch_message)
         stop.click(partial(stop_job, root), run_name, launch_message)
         panel.load(partial(newest_runs, root), None, [*pickers, known])

@@ -190,6 +190,9 @@ def test_launch_starts_a_run_and_refuses_a_second_or_escaping_one(page, panel):
     from playwright.sync_api import expect
 
     expect(page.locator("#config-editor")).to_contain_text("prompts_per_step")
+    page.locator("#plan-button").click()  # the memory plan of the config as it would start
+    expect(page.locator("#plan-message")).to_contain_text("memory plan:", timeout=120_000)
+    expect(page.locator("#plan-message")).to_contain_text("fits a 24 GiB card")
     page.get_by_label("steps", exact=True).fill("3")
     page.locator("#run-name textarea").fill(RUN)
     page.locator("#start-button").click()
