@@ -144,8 +144,9 @@ class Replicas:
         return box[0]
 
     def gather(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
-        """Concatenate equally shaped per-process tensors along dim 0, in rank order, on every process."""
-        return [self.accelerator.gather(tensor.contiguous()).cpu() for tensor in tensors]
+        """Concatenate equally shaped per-process tensors along dim 0, in rank order, on every process
+        (moved to this process's device first: NCCL gathers GPU tensors only)."""
+        return [self.accelerator.gather(tensor.to(self.device).contiguous()).cpu() for tensor in tensors]
 
     def max_count(self, count: int) -> int:
         """The largest `count` over the processes."""
