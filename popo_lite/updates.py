@@ -268,7 +268,7 @@ def popo_update(
             # The spec's loss here is exactly zero (entropy skipped too): no forward is needed on one
             # process; the micro-batch still counts in the accumulation divisor below.
             continue
-        fill = weights_from_forward if deferred[rows].any() else None
+        fill = weights_from_forward if deferred[rows].any() and not stand_in else None
         with _sync(replicas, number, len(micro_batches)):
             loss, metrics, weights = _popo_micro_batch(
                 model, scorer, rollouts, rows, weights, positive, stand_in, config, generator, fill
