@@ -1,8 +1,9 @@
-"""One process of the data-parallel test (tests/test_distributed.py), started by `accelerate launch`.
+"""One process of the data-parallel tests (tests/test_distributed.py), started by `accelerate launch`.
 
-Trains through `popo_lite.trainer` like `python -m popo_lite.train` does, and saves what this process
-holds afterwards (policy and EMA adapters, predictor) and which problems it was given, for the test
-to compare across processes. Usage: distributed_worker.py CONFIG.yaml OUT_DIR
+distributed_worker.py CONFIG.yaml OUT_DIR train      trains like `python -m popo_lite.train`, then saves
+                                                     this process's adapters, EMA, predictor and prompts
+distributed_worker.py CONFIG.yaml OUT_DIR gradient   one POPO update on this process's share of FIXED
+                                                     rollouts; saves the all-reduced gradients
 """
 
 from __future__ import annotations
@@ -13,11 +14,69 @@ from pathlib import Path
 import torch
 
 from popo_lite import trainer
-from popo_lite.config import load_config
+from popo_lite.config import Config, load_config
+from popo_lite.rollouts import Rollouts
+from popo_lite.updates import popo_update
+
+# 4 prompts x 4 rollouts; prompt 1 has no positive (a zero-positive micro-batch at micro_batch_size 4).
+REWARDS = torch.tensor(
+    [[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 0.0, 0.0]]
+)
 
 
-def main(config_path: str, out_dir: str) -> None:
-    session = trainer.prepare(load_config(config_path))
+def fixed_rollouts(vocab: int, group: int = 4) -> Rollouts:
+    """Deterministic rollouts for REWARDS: left-padded prompts, completions of different lengths."""
+    generator = torch.Generator().manual_seed(0)
+    rows = REWARDS.numel()
+    prompt_ids = torch.randint(3, vocab, (rows, 6), generator=generator)
+    prompt_mask = torch.ones(rows, 6, dtype=torch.long)
+    prompt_mask[::3, :2] = 0
+    completion_ids = torch.randint(3, vocab, (rows, 5), generator=generator)
+    lengths = torch.randint(1, 6, (rows,), generator=generator)
+    completion_mask = (torch.arange(5)[None, :] < lengths[:, None]).long()
+    return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, [""] * rows, group, 0.0)
+
+
+def share(rollouts: Rollouts, rewards: torch.Tensor, rank: int, world: int) -> tuple[Rollouts, torch.Tensor]:
+    """Process `rank`'s whole prompt groups, as the trainer shards them."""
+    prompts = rewards.shape[0] // world
+    rows = slice(rank * prompts * rollouts.group_size, (rank + 1) * prompts * rollouts.group_size)
+    part = Rollouts(
+        rollouts.prompt_ids[rows],
+        rollouts.prompt_mask[rows],
+        rollouts.completion_ids[rows],
+        rollouts.completion_mask[rows],
+        rollouts.texts[rows],
+        rollouts.group_size,
+        0.0,
+    )
+    return part, rewards[rank * prompts : (rank + 1) * prompts]
+
+
+def gradients(session: trainer.Session, config: Config, world: int, rank: int) -> dict[str, torch.Tensor]:
+    """One POPO update on this process's share of the fixed rollouts; the trainable parameters' gradients."""
+    rollouts, rewards = share(fixed_rollouts(session.tokenizer.vocab_size), REWARDS, rank, world)
+    popo_update(
+        session.model,
+        session.predictor,
+        rollouts,
+        rewards,
+        config,
+        torch.Generator().manual_seed(0),
+        session.replicas,
+    )
+    named = [*session.model.named_parameters(), *session.predictor.named_parameters(prefix="predictor")]
+    return {name: p.grad.clone() for name, p in named if p.requires_grad}
+
+
+def main(config_path: str, out_dir: str, mode: str) -> None:
+    config = load_config(config_path)
+    session = trainer.prepare(config)
+    rank, world = session.replicas.rank, session.replicas.world
+    out = Path(out_dir) / f"{mode}-rank{rank}.pt"
+    if mode == "gradient":
+        torch.save(gradients(session, config, world, rank), out)
+        return
     seen: list[str] = []
     format_prompt = trainer.format_prompt
 
@@ -29,20 +88,11 @@ def main(config_path: str, out_dir: str) -> None:
     initial = {name: p.detach().clone() for name, p in session.model.named_parameters() if p.requires_grad}
     records = list(trainer.run(session))
     state = {name: p.detach().clone() for name, p in session.model.named_parameters() if "lora_" in name}
-    if session.predictor is not None:
-        state.update({f"predictor.{k}": v.clone() for k, v in session.predictor.state_dict().items()})
-    rank = session.replicas.rank
+    state.update({f"predictor.{k}": v.clone() for k, v in session.predictor.state_dict().items()})
     torch.save(
-        {
-            "state": state,
-            "initial": initial,
-            "records": records,
-            "problems": seen,
-            "world": session.replicas.world,
-        },
-        Path(out_dir) / f"rank{rank}.pt",
+        {"state": state, "initial": initial, "records": records, "problems": seen, "world": world}, out
     )
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])

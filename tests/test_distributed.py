@@ -18,6 +18,9 @@ from conftest import CLI_ENV, ROOT
 
 from popo_lite.config import ConfigError
 from popo_lite.distributed import check_split, shard
+from popo_lite.trainer import prepare
+
+WORKER = ROOT / "tests" / "distributed_worker.py"
 
 
 def _free_port() -> int:
@@ -66,14 +69,9 @@ def _errors(result: subprocess.CompletedProcess) -> str:
 def test_two_processes_hold_identical_adapters_ema_and_predictor(tiny_config, tmp_path, packing):
     config = tiny_config(prompts_per_step=4, rollouts_per_prompt=6, steps=2, lora_dropout=0.0, **packing)
     config.save(tmp_path / "config.yaml")
-    result = _launch(
-        str(ROOT / "tests" / "distributed_worker.py"),
-        str(tmp_path / "config.yaml"),
-        str(tmp_path),
-        cwd=tmp_path,
-    )
+    result = _launch(str(WORKER), str(tmp_path / "config.yaml"), str(tmp_path), "train", cwd=tmp_path)
     assert result.returncode == 0, _errors(result)
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+    ranks = [torch.load(tmp_path / f"train-rank{rank}.pt", weights_only=False) for rank in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]
 
     first, second = (r["state"] for r in ranks)
@@ -99,6 +97,30 @@ def test_two_processes_hold_identical_adapters_ema_and_predictor(tiny_config, tm
     run_dir = Path(config.output_dir) / config.run_name
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
     assert (run_dir / "checkpoints" / "step-000002" / "COMPLETE").is_file()
+
+
+def test_two_processes_average_to_the_single_process_gradient(tiny_config, tmp_path):
+    """Sharded by whole groups, with a zero-positive micro-batch on one process: the all-reduced gradient
+    equals one process's gradient over all groups (POPO weights are per group, so nothing is lost)."""
+    from distributed_worker import REWARDS, fixed_rollouts, gradients
+
+    config = tiny_config(
+        prompts_per_step=4, rollouts_per_prompt=4, micro_batch_size=4, lora_dropout=0.0, noise_std=0.0
+    )
+    config.save(tmp_path / "config.yaml")
+    result = _launch(str(WORKER), str(tmp_path / "config.yaml"), str(tmp_path), "gradient", cwd=tmp_path)
+    assert result.returncode == 0, _errors(result)
+    shared = [torch.load(tmp_path / f"gradient-rank{rank}.pt") for rank in (0, 1)]
+
+    single_config = type(config)(**{**config.to_dict(), "output_dir": str(tmp_path / "single")})
+    session = prepare(single_config)  # the same seed: the same initial adapters and predictor
+    single = gradients(session, single_config, world=1, rank=0)
+    assert fixed_rollouts(session.tokenizer.vocab_size).completion_ids.shape[0] == REWARDS.numel()
+    assert single.keys() == shared[0].keys() and any("predictor" in k for k in single)
+    for name, grad in single.items():
+        torch.testing.assert_close(shared[0][name], shared[1][name], rtol=0, atol=0)  # all-reduced
+        torch.testing.assert_close(shared[0][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert any(grad.abs().sum() > 0 for name, grad in single.items() if ".policy." in name)
 
 
 def test_accelerate_launch_of_the_cli_trains_grpo(tiny_cli_args, tmp_path):
