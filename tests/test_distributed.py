@@ -6,6 +6,7 @@ EMA adapter and the predictor must be bit-for-bit equal on both processes, and m
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -123,32 +124,21 @@ def test_two_processes_average_to_the_single_process_gradient(tiny_config, tmp_p
     assert any(grad.abs().sum() > 0 for name, grad in single.items() if ".policy." in name)
 
 
-def test_accelerate_launch_of_the_cli_trains_grpo(tiny_cli_args, tmp_path):
-    result = _launch(
-        "-m",
-        "popo_lite.train",
-        *tiny_cli_args,
-        "--algo",
-        "grpo",
-        "--prompts_per_step",
-        "2",
-        "--rollouts_per_prompt",
-        "4",
-        "--steps",
-        "1",
-        "--lora_rank",
-        "2",
-        "--output_dir",
-        str(tmp_path / "runs"),
-        "--run_name",
-        "ddp",
-        cwd=tmp_path,
-    )
+def test_accelerate_launch_of_the_cli_trains_grpo_and_resumes(tiny_cli_args, tmp_path):
+    options = [*tiny_cli_args, "--algo", "grpo", "--prompts_per_step", "2", "--rollouts_per_prompt", "4"]
+    options += ["--lora_rank", "2", "--output_dir", str(tmp_path / "runs"), "--run_name", "ddp"]
+    result = _launch("-m", "popo_lite.train", *options, "--steps", "1", cwd=tmp_path)
     assert result.returncode == 0, _errors(result)
     run_dir = tmp_path / "runs" / "ddp"
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 1
     assert (run_dir / "checkpoints" / "step-000001" / "COMPLETE").is_file()
     assert result.stdout.count("run directory:") == 1  # one process prints
+
+    resumed = _launch("-m", "popo_lite.train", *options, "--steps", "2", "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, _errors(resumed)
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # continued from the checkpoint, not restarted
+    assert (run_dir / "checkpoints" / "step-000002" / "COMPLETE").is_file()
 
 
 def test_prompts_split_into_whole_groups_per_process():
