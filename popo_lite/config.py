@@ -262,6 +262,15 @@ class Config:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+def check_split(prompts_per_step: int, processes: int) -> None:
+    """A data-parallel run gives each process whole prompt groups: prompts_per_step must divide evenly."""
+    if processes < 1 or prompts_per_step % processes:
+        raise ConfigError(
+            f"prompts_per_step={prompts_per_step} must be a multiple of the {processes} processes: each "
+            "process takes whole prompt groups"
+        )
+
+
 def _check_types(config: Config) -> None:
     """Reject wrong types by name (YAML gives strings where numbers were meant, and so on)."""
     for f in dataclasses.fields(config):

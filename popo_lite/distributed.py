@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from popo_lite.config import Config, ConfigError
+from popo_lite.config import Config, check_split
 from popo_lite.logprobs import completion_stats
 
 
@@ -64,14 +64,6 @@ class Scorer(nn.Module):
         if with_features and self.predictor is not None:
             predicted = self.predictor(stats.features)
         return stats.logprobs, stats.entropy, stats.features, predicted
-
-
-def check_split(prompts_per_step: int, world: int) -> None:
-    if prompts_per_step % world:
-        raise ConfigError(
-            f"prompts_per_step={prompts_per_step} must be a multiple of the {world} processes: each "
-            "process takes whole prompt groups"
-        )
 
 
 def shard(items: list, rank: int, world: int) -> list:

@@ -27,7 +27,7 @@ import re
 import sys
 from dataclasses import asdict, dataclass
 
-from popo_lite.config import Config, ConfigError, load_config
+from popo_lite.config import Config, ConfigError, check_split, load_config
 
 GIB = 2**30
 FP32 = 4  # adapters, predictor, gradients, AdamW moments and log-prob chunks are fp32
@@ -278,8 +278,13 @@ class MemoryPlan:
         return self.peak_bytes + reserve_gib * GIB <= gib * GIB
 
 
-def estimate(config: Config, model_config=None) -> MemoryPlan:
-    """The memory plan of `config`; `model_config` (a transformers config or ModelShape) skips the lookup."""
+def estimate(config: Config, model_config=None, processes: int = 1) -> MemoryPlan:
+    """The memory plan of `config`; `model_config` (a transformers config or ModelShape) skips the lookup.
+
+    processes: GPUs of an `accelerate launch` data-parallel run; each generates for its share of the
+    step's prompts, and everything else is per process as on one GPU.
+    """
+    check_split(config.prompts_per_step, processes)
     if isinstance(model_config, ModelShape):
         shape = model_config
     else:
@@ -290,7 +295,8 @@ def estimate(config: Config, model_config=None) -> MemoryPlan:
     adapter = lora_params(shape, config.lora_rank, targets)
     predictor = predictor_params(shape.hidden, config.predictor_dim) if popo else 0
     trainable = adapter + (predictor if config.alpha > 0 else 0)  # an unused predictor gets no gradient
-    rollouts, prompt, new = config.rollouts_per_step, config.max_prompt_tokens, config.max_new_tokens
+    rollouts = config.rollouts_per_step // processes
+    prompt, new = config.max_prompt_tokens, config.max_new_tokens
     n, length = min(config.micro_batch_size, rollouts), prompt + new
     batch = min(config.generation_batch_size or rollouts, rollouts)
     # bitsandbytes expands an NF4 weight to the compute dtype for each matmul over many tokens (CUDA)
@@ -374,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
             action.help = argparse.SUPPRESS
     parser.add_argument("--gpu_gib", type=float, default=24.0, help="GPU memory of the card, in GiB.")
     parser.add_argument("--json", action="store_true", help="Print the plan as JSON instead of a table.")
+    parser.add_argument(
+        "--processes", type=int, default=1, help="GPUs of a data-parallel `accelerate launch` run (per GPU)."
+    )
     return parser
 
 
@@ -381,9 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     arguments = vars(build_parser().parse_args(argv))
     config_path, gpu_gib, as_json = arguments.pop("config"), arguments.pop("gpu_gib"), arguments.pop("json")
     arguments.pop("resume")
+    processes = arguments.pop("processes")
     try:
         config = load_config(config_path, arguments)
-        plan = estimate(config)
+        plan = estimate(config, processes=processes)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from popo_lite.config import Config, load_config
+from popo_lite.config import Config, ConfigError, load_config
 from popo_lite.memory import PeakMemory, quant_state_tensors, tensors_of
 from popo_lite.model import POLICY, load_policy
 from popo_lite.plan import (
@@ -315,3 +315,13 @@ def test_predicted_generation_peak_is_within_15_percent_of_measured(
     assert plan.breakdown[part] > TOLERANCE * memory.peak  # without this part the check would fail
     assert abs(predicted - memory.peak) / memory.peak < TOLERANCE
     assert plan.moments["generation"].startswith("prefill" if prompt > new else "last decoding step")
+
+
+def test_data_parallel_processes_share_the_generation_not_the_update():
+    config = _recipe()  # 8 prompts x 8 rollouts
+    one, two = estimate(config), estimate(config, processes=2)
+    assert two.breakdown["kv_cache"] == one.breakdown["kv_cache"] // 2  # 32 rollouts per process
+    assert two.phases["update"] == one.phases["update"]
+    assert two.phases["generation"] < one.phases["generation"]
+    with pytest.raises(ConfigError, match="multiple of the 3 processes"):
+        estimate(config, processes=3)
