@@ -403,7 +403,8 @@ def run(args: argparse.Namespace) -> dict:
         "static_over_eager_decode": (
             static["tokens_per_s"] / by_key["rollout_eager"]["tokens_per_s"] if static else None
         ),
-        "plan": planned_peak(config, model_config),
+        # the plan at the prompts' real longest length: its worst case is then this run's shapes
+        "plan": planned_peak(dataclasses.replace(config, max_prompt_tokens=prompt_tokens), model_config),
         "notes": notes,
         "seconds_total": time.perf_counter() - started,
     }
