@@ -19,10 +19,11 @@ class TrainingError(RuntimeError):
     """
 
 
-OOM_ADVICE = {
-    "generation": "lower generation_batch_size (now {generation_batch_size}), max_new_tokens (now "
-    "{max_new_tokens}) or prompts_per_step x rollouts_per_prompt "
-    "(now {prompts_per_step} x {rollouts_per_prompt})",
+OOM_ADVICE = {  # also popo_lite.plan's advice when a config does not fit
+    "generation": "set or lower prefill_chunk_size (now {prefill_chunk_size}), or lower "
+    "generation_batch_size (now {generation_batch_size}), max_prompt_tokens (now {max_prompt_tokens}), "
+    "max_new_tokens (now {max_new_tokens}) or prompts_per_step x rollouts_per_prompt (now "
+    "{prompts_per_step} x {rollouts_per_prompt})",
     "update": "lower micro_batch_size (now {micro_batch_size}) or max_new_tokens (now {max_new_tokens}), "
     "keep gradient_checkpointing on (now {gradient_checkpointing}), or use --qlora (now {qlora})",
 }

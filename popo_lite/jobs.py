@@ -120,12 +120,29 @@ def _claim(root: Path, slot: str, job: dict) -> Path:
     raise RunsError(f"could not take the lock {path.name}; try again")
 
 
+def _child_env() -> dict[str, str]:
+    """This environment, with the project importable in a child process."""
+    env = {**os.environ}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _config_values(config_text: str) -> dict:
+    """The YAML text of a config as a mapping, or a RunsError saying why not."""
+    try:
+        values = yaml.safe_load(config_text or "") or {}
+    except yaml.YAMLError as error:
+        raise RunsError(f"the config is not valid YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise RunsError("the config must be a mapping of config keys")
+    return values
+
+
 def _spawn(root: Path, slot: str, job: dict, command: list[str], log: Path) -> int:
     """Start `command` detached, output to `log`, holding `slot` for as long as it lives."""
     lock = _claim(root, slot, {**job, "pid": None, "started": time.time()})
     try:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", PANEL_JOB_ENV: slot}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
+        env = {**_child_env(), "PYTHONUNBUFFERED": "1", PANEL_JOB_ENV: slot}
         with open(log, "ab") as output:
             child = subprocess.Popen(
                 command,
@@ -166,19 +183,15 @@ def plan_memory(config_text: str, overrides: dict, gpu_gib: float) -> str:
     """`python -m popo_lite.plan` on YAML text plus overrides, in a subprocess (it may load a model's
     shapes: torch stays out of the panel process); returns its table, verdict or error."""
     try:
-        values = yaml.safe_load(config_text or "") or {}
-    except yaml.YAMLError as error:
-        return f"the config is not valid YAML: {error}"
-    if not isinstance(values, dict):
-        return "the config must be a mapping of config keys"
-    env = {**os.environ}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
+        values = _config_values(config_text)
+    except RunsError as error:
+        return str(error)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "config.yaml"
         path.write_text(yaml.safe_dump({**values, **overrides}))
         command = [sys.executable, "-m", "popo_lite.plan", "--config", str(path), "--gpu_gib", str(gpu_gib)]
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+            done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=_child_env())
         except subprocess.TimeoutExpired:
             return "the memory plan took more than 5 minutes (loading the model's shapes?)"
     return (done.stdout if done.returncode in (0, 1) else done.stderr).strip()
@@ -198,13 +211,7 @@ def launch_run(
     else:
         if run_dir.exists() and any(run_dir.iterdir()):
             raise RunsError(f"run {name!r} already exists: pick another run name")
-        try:
-            values = yaml.safe_load(config_text or "") or {}
-        except yaml.YAMLError as error:
-            raise RunsError(f"the config is not valid YAML: {error}") from None
-        if not isinstance(values, dict):
-            raise RunsError("the config must be a mapping of config keys")
-        values.update(overrides or {})
+        values = {**_config_values(config_text), **(overrides or {})}
     values.update(output_dir=str(root), run_name=name)  # the UI decides where a run lives, not the YAML
     try:
         config: Config = load_config(None, values)

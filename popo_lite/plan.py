@@ -28,6 +28,7 @@ import sys
 from dataclasses import asdict, dataclass
 
 from popo_lite.config import Config, ConfigError, check_split, load_config
+from popo_lite.failures import OOM_ADVICE
 
 GIB = 2**30
 FP32 = 4  # adapters, predictor, gradients, AdamW moments and log-prob chunks are fp32
@@ -40,11 +41,6 @@ PHASE_PARTS = {  # a phase's peak = the resident parts + its own parts, at its w
     "generation": ("kv_cache", "generation_activations"),
     "update": ("gradients", "activations", "logits"),
     "scoring": ("scoring_activations",),
-}
-ADVICE = {  # the knobs of each phase (failures.OOM_ADVICE names them with their values, for a live run)
-    "generation": "set prefill_chunk_size or lower generation_batch_size, max_prompt_tokens, max_new_tokens",
-    "update": "lower micro_batch_size or max_new_tokens, keep gradient_checkpointing on, use --qlora",
-    "scoring": "lower micro_batch_size or max_new_tokens",
 }
 
 
@@ -362,7 +358,9 @@ def render(plan: MemoryPlan, config: Config, gpu_gib: float) -> str:
     verdict = f"peak {plan.peak_bytes / GIB:.2f} GiB ({worst}) + {RESERVE_GIB} GiB CUDA context and slack: "
     if plan.fits(gpu_gib):
         return "\n".join([*lines, verdict + f"fits a {gpu_gib:g} GiB card"])
-    return "\n".join([*lines, verdict + f"does NOT fit a {gpu_gib:g} GiB card; {ADVICE[worst]}"])
+    # the scoring pass runs inside the trainer's update phase, and shares its advice
+    advice = OOM_ADVICE["update" if worst == "scoring" else worst].format(**config.to_dict())
+    return "\n".join([*lines, verdict + f"does NOT fit a {gpu_gib:g} GiB card; {advice}"])
 
 
 def build_parser() -> argparse.ArgumentParser:

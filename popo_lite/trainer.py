@@ -342,30 +342,27 @@ def run(session: Session) -> Iterator[dict]:
                 f"peak_memory_gib_{memory_kind}": memory,
             }
         )
-        if not session.is_main:  # files are the main process's; it logs its own share of the rollouts
-            record["run_dir"] = str(run_dir)
-            yield record
-            continue
-        if config.log_rollouts:
-            write_rollouts(
-                run_dir / "rollouts.jsonl",
-                session.step,
-                tokenizer,
-                batch,
-                prompts,
-                rollouts,
-                rewards,
-                weights,
-                extracted,
-                token_logprobs,
-            )
-        if config.eval_every and (session.step % config.eval_every == 0 or session.step == config.steps):
-            record.update(evaluate_during_training(session))
-        with open(run_dir / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        reporter.log(record)
-        if session.step == config.steps or (config.save_every and session.step % config.save_every == 0):
-            record["checkpoint"] = str(save(session))  # after the logs: a checkpoint's step is fully logged
+        if session.is_main:  # files are the main process's; it logs its own share of the rollouts
+            if config.log_rollouts:
+                write_rollouts(
+                    run_dir / "rollouts.jsonl",
+                    session.step,
+                    tokenizer,
+                    batch,
+                    prompts,
+                    rollouts,
+                    rewards,
+                    weights,
+                    extracted,
+                    token_logprobs,
+                )
+            if config.eval_every and (session.step % config.eval_every == 0 or session.step == config.steps):
+                record.update(evaluate_during_training(session))
+            with open(run_dir / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            reporter.log(record)
+            if session.step == config.steps or (config.save_every and session.step % config.save_every == 0):
+                record["checkpoint"] = str(save(session))  # after the logs: its step is fully logged
         record["run_dir"] = str(run_dir)
         yield record
     if reporter is not None:
