@@ -62,6 +62,13 @@ class Config:
     )
     gradient_checkpointing: bool = _f(True, "Recompute activations in backward to save memory.")
     trust_remote_code: bool = _f(False, "Allow custom model code from the Hub (off: runs no foreign code).")
+    model_loader: str = _f(
+        "hf",
+        "How the base and adapters load: hf = transformers + bitsandbytes + peft; unsloth = Unsloth's "
+        "FastLanguageModel (fused LoRA kernels, offloaded checkpointing; optional: needs Unsloth and CUDA, "
+        "not run by our CI; rollouts with Unsloth's generation, hf backend and dynamic cache only).",
+        ("hf", "unsloth"),
+    )
 
     # --- data --------------------------------------------------------------------------------------
     dataset: str = _f(
@@ -237,6 +244,13 @@ class Config:
             raise ConfigError(
                 "pack_positives trains positives only: set entropy_over: positives or beta_entropy: 0 (the "
                 "reference's entropy over all completions needs every rollout in the forward)"
+            )
+        if self.model_loader == "unsloth" and (
+            self.generation_backend != "hf" or self.generation_cache != "dynamic" or self.prefill_chunk_size
+        ):
+            raise ConfigError(
+                "model_loader: unsloth generates with Unsloth's own inference path: set generation_backend: "
+                "hf, generation_cache: dynamic and prefill_chunk_size: null (or use model_loader: hf)"
             )
         for name in ("generation_batch_size", "prefill_chunk_size"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:

@@ -2,6 +2,7 @@
 
 The policy is the LoRA adapter "policy"; the siamese branch is a second adapter "ema" on the SAME
 base (see siamese.py). The base is never copied: with `--qlora` it is loaded once in NF4.
+`model_loader: unsloth` loads through Unsloth instead (unsloth_backend.py), with the same two adapters.
 """
 
 from __future__ import annotations
@@ -163,7 +164,14 @@ def load_base(config: Config, check_tokenizer=None) -> tuple[object, object, tor
 
 
 def load_policy(config: Config, check_tokenizer=None) -> tuple[PeftModel, object, torch.device]:
-    """`load_base`, then the "policy" and "ema" LoRA adapters on it: (model, tokenizer, device)."""
+    """The base (`load_base`, or Unsloth's loader) with the "policy" and "ema" LoRA adapters on it.
+
+    Returns (model, tokenizer, device).
+    """
+    if config.model_loader == "unsloth":
+        from popo_lite import unsloth_backend
+
+        return unsloth_backend.load_policy(config, check_tokenizer)
     base, tokenizer, device = load_base(config, check_tokenizer)
     return attach_adapters(base, config), tokenizer, device
 
@@ -173,11 +181,17 @@ def attach_adapters(base, config: Config) -> PeftModel:
     if config.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
-    model = get_peft_model(base, lora_config(config), adapter_name=POLICY)
-    model.add_adapter(EMA, lora_config(config))
+    adapter = lora_config(config)
+    model = get_peft_model(base, adapter, adapter_name=POLICY)
+    finish_adapters(model, adapter)
+    return model
+
+
+def finish_adapters(model: PeftModel, adapter: LoraConfig) -> None:
+    """Add the "ema" adapter beside "policy", both in fp32, and make "policy" the active one."""
+    model.add_adapter(EMA, adapter)
     for name, param in model.named_parameters():
         if f".{POLICY}." in name or f".{EMA}." in name:
             # fp32 adapters: the EMA update (1 - tau) * delta underflows in bf16 at tau = 0.999.
             param.data = param.data.float()
     model.set_adapter(POLICY)
-    return model

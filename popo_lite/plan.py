@@ -354,6 +354,10 @@ def render(plan: MemoryPlan, config: Config, gpu_gib: float) -> str:
         lines += [f"  {key:<24}{_gib(plan.breakdown[key])}  {phase}" for key in parts if plan.breakdown[key]]
     lines.append(f"  {'phase':<24}{'GiB':>7}  worst moment")
     lines += [f"  {phase:<24}{_gib(peak)}  {plan.moments[phase]}" for phase, peak in plan.phases.items()]
+    if config.model_loader == "unsloth":
+        lines.append(
+            "  counted as the hf loader would run it: Unsloth's own kernels and generation are not modelled"
+        )
     worst = max(plan.phases, key=plan.phases.get)
     verdict = f"peak {plan.peak_bytes / GIB:.2f} GiB ({worst}) + {RESERVE_GIB} GiB CUDA context and slack: "
     if plan.fits(gpu_gib):

@@ -88,6 +88,26 @@ def _compilable(model) -> Iterator[None]:
         base.hf_quantizer = quantizer
 
 
+@contextmanager
+def generation_mode(model) -> Iterator[None]:
+    """The model in eval mode for generation (no dropout; no checkpointing: the KV cache), then as it was.
+
+    A model loaded by `model_loader: unsloth` carries its own switch (Unsloth's for_inference /
+    for_training, unsloth_backend.py).
+    """
+    switch = getattr(model, "popo_lite_generation_mode", None)
+    if switch is not None:
+        with switch(model):
+            yield
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def generate_rollouts(
     model,
@@ -119,11 +139,9 @@ def generate_rollouts(
         sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     else:
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-    was_training = model.training
-    model.eval()  # no dropout, and gradient checkpointing off: generation uses the KV cache
     pieces = []
     step = batch_size or prompt_ids.shape[0]
-    try:
+    with generation_mode(model):
         with _compilable(model) if "compile_config" in cache_options else nullcontext():
             for first in range(0, prompt_ids.shape[0], step):
                 output = model.generate(
@@ -137,8 +155,6 @@ def generate_rollouts(
                     **cache_options,
                 )
                 pieces.append(output[:, prompt_ids.shape[1] :])
-    finally:
-        model.train(was_training)
     return assemble(prompt_ids, prompt_mask, pieces, tokenizer, stop_ids, group_size, start)
 
 

@@ -163,6 +163,10 @@ def test_cli_prints_a_table_and_json_and_says_whether_it_fits(capsys):
     assert printed["peak_bytes"] == estimate(_recipe(micro_batch_size=2)).peak_bytes
     assert main(["--config", recipe, "--lora_target_modules", "q_proj,lm_head"]) == 2
     assert "lm_head" in capsys.readouterr().err
+    assert main(["--config", recipe, "--model_loader", "unsloth"]) == 2  # its prefill_chunk_size: 128
+    assert "prefill_chunk_size: null" in capsys.readouterr().err
+    main(["--config", recipe, "--model_loader", "unsloth", "--prefill_chunk_size", "none"])
+    assert "Unsloth's own kernels and generation are not modelled" in capsys.readouterr().out
 
 
 # ---- predicted vs measured on the CPU ----
