@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if config.model_loader == "unsloth":
+        _import_unsloth_first()
     # Heavy imports (torch, transformers) only once the config is known to be good: --help stays fast.
     from popo_lite.data import DataError
     from popo_lite.distributed import is_main_process
@@ -112,6 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     elif main_process:
         print(f"nothing to do: the run already has {config.steps} steps")
     return 0
+
+
+def _import_unsloth_first() -> None:
+    """Unsloth patches transformers and peft when it is imported before them, as it asks to be."""
+    try:
+        import unsloth  # noqa: F401
+    except Exception:  # not installed, or no GPU: unsloth_backend says so with the remedy
+        pass
 
 
 def _train_with_progress(train, config: Config, resume: bool, show: bool) -> dict:

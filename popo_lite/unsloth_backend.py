@@ -41,9 +41,10 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 def fast_language_model():
     try:
         from unsloth import FastLanguageModel
-    except ImportError:
+    except Exception as error:  # ImportError when missing; Unsloth raises others when it finds no GPU
         raise ConfigError(
-            "model_loader: unsloth needs Unsloth on a CUDA machine (pip install unsloth); or use hf"
+            f"model_loader: unsloth needs Unsloth on a CUDA machine (pip install unsloth); or use hf "
+            f"({type(error).__name__}: {error})"
         ) from None
     return FastLanguageModel
 

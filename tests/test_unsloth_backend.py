@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from popo_lite import unsloth_backend
 from popo_lite.config import ConfigError
 from popo_lite.model import EMA, POLICY, load_policy
+from popo_lite.train import main
 from popo_lite.trainer import prepare, run, train
 
 
@@ -126,9 +127,12 @@ def test_unsloth_run_trains_the_policy_generates_between_mode_switches_and_resum
     assert [c[0] for c in fake_unsloth.calls if c[0].startswith("for_")] == ["for_inference", "for_training"]
 
 
-def test_unsloth_loader_says_what_it_needs(monkeypatch, tiny_config):
+def test_unsloth_loader_says_what_it_needs(monkeypatch, tiny_config, tiny_cli_args, tmp_path, capsys):
     with pytest.raises(ConfigError, match="needs a CUDA GPU"):
         load_policy(tiny_config(model_loader="unsloth", device="cpu"))
+    command = [*tiny_cli_args, "--model_loader", "unsloth", "--device", "cpu", "--output_dir", str(tmp_path)]
+    assert main(command) == 2
+    assert "model_loader: unsloth needs a CUDA GPU" in capsys.readouterr().err
     monkeypatch.setattr(unsloth_backend, "require_cuda", lambda device: None)
     monkeypatch.setitem(sys.modules, "unsloth", None)  # not installed
     with pytest.raises(ConfigError, match="pip install unsloth"):
