@@ -95,7 +95,11 @@ class Config:
         0.7, "Sampling temperature (the reference uses 1.0); log-probs in the loss use logits / temperature."
     )
     top_p: float = _f(1.0, "Nucleus sampling threshold (1.0 = off, as the reference).")
-    generation_batch_size: int | None = _f(None, "Completions generated at once (None = all B x G together).")
+    generation_batch_size: int | None = _f(
+        None,
+        "Completions generated at once (None = all B x G together). Smaller batches go by prompt length, "
+        "each cut to its longest prompt (dynamic cache).",
+    )
     generation_cache: str = _f(
         "dynamic",
         "KV cache of rollout generation: dynamic = Hugging Face's default growing cache, eager; static = HF "

@@ -140,13 +140,21 @@ def generate_rollouts(
     else:
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
     pieces = []
-    step = batch_size or prompt_ids.shape[0]
+    rows = prompt_ids.shape[0]
+    step = min(batch_size or rows, rows)
+    # Batches of similar prompt lengths (stable: a group's rows stay together), each cut to its longest
+    # prompt, so short prompts do not carry a long one's left padding through every decoding step. Not
+    # with the static cache: one cache length, one compile.
+    order = torch.sort(prompt_mask.sum(1), stable=True).indices if step < rows else torch.arange(rows)
+    trim = cache == "dynamic"
     with generation_mode(model):
         with _compilable(model) if "compile_config" in cache_options else nullcontext():
-            for first in range(0, prompt_ids.shape[0], step):
+            for first in range(0, rows, step):
+                index = order[first : first + step].to(prompt_ids.device)
+                width = int(prompt_mask[index].sum(1).max()) if trim else prompt_ids.shape[1]
                 output = model.generate(
-                    input_ids=prompt_ids[first : first + step],
-                    attention_mask=prompt_mask[first : first + step],
+                    input_ids=prompt_ids[index, -width:],
+                    attention_mask=prompt_mask[index, -width:],
                     **sampling,
                     max_new_tokens=max_new_tokens,
                     eos_token_id=stop_ids,
@@ -154,8 +162,15 @@ def generate_rollouts(
                     use_cache=True,
                     **cache_options,
                 )
-                pieces.append(output[:, prompt_ids.shape[1] :])
-    return assemble(prompt_ids, prompt_mask, pieces, tokenizer, stop_ids, group_size, start)
+                pieces.append(output[:, width:])
+    completions = pad_right(pieces, tokenizer.pad_token_id)[torch.argsort(order).to(prompt_ids.device)]
+    return assemble(prompt_ids, prompt_mask, [completions], tokenizer, stop_ids, group_size, start)
+
+
+def pad_right(pieces: list[torch.Tensor], pad_id: int) -> torch.Tensor:
+    """Row batches of completion ids, of any widths, as one right-padded tensor."""
+    width = max(piece.shape[1] for piece in pieces)
+    return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=pad_id) for p in pieces])
 
 
 def encode_prompts(
@@ -185,10 +200,7 @@ def assemble(
     start: float,
 ) -> Rollouts:
     """Rollouts from sampled completion ids (row batches of any width): padded, masked after EOS, decoded."""
-    width = max(piece.shape[1] for piece in pieces)
-    completion_ids = torch.cat(
-        [torch.nn.functional.pad(p, (0, width - p.shape[1]), value=tokenizer.pad_token_id) for p in pieces]
-    ).to(prompt_ids.device)  # (B*G, T)
+    completion_ids = pad_right(pieces, tokenizer.pad_token_id).to(prompt_ids.device)  # (B*G, T)
     completion_mask = completion_mask_from(completion_ids, stop_ids)
     completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
     lengths = completion_mask.sum(1).tolist()

@@ -67,6 +67,41 @@ def test_chunked_prefill_greedy_rollouts_equal_whole_prompt_prefill(tiny_config)
         tiny_config(prefill_chunk_size=0)
 
 
+def test_batches_sorted_by_prompt_length_and_cut_to_it_give_the_same_greedy_rollouts(tiny_config):
+    model, tokenizer, _ = load_policy(tiny_config())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B.policy" in name:
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    widths: list[int] = []  # prompt positions of each generate call's input
+    hook = (
+        model.get_base_model()
+        .get_decoder()
+        .register_forward_pre_hook(
+            lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+        )
+    )
+
+    def rollouts(batch_size: int | None, cache: str = "dynamic"):
+        widths.clear()
+        return generate_rollouts(
+            model, tokenizer, PROMPTS, 2, max_new_tokens=10, temperature=0, batch_size=batch_size, cache=cache
+        )
+
+    together = rollouts(None)
+    assert widths[0] == 8
+    for size in (2, 3, 4):  # a batch per group, batches splitting groups, mixed lengths in a batch
+        batched = rollouts(size)
+        assert torch.equal(together.completion_ids, batched.completion_ids), size  # rows back in order
+        assert torch.equal(together.prompt_ids, batched.prompt_ids) and together.texts == batched.texts
+    prefills = [w for w in widths if w > 1]
+    assert prefills == [3, 8]  # sorted by length: "7" and "904" (4 rows, cut to 3 positions), then "12345678"
+    rollouts(2, cache="static")
+    assert [w for w in widths if w > 1] == [8, 8, 8]  # the static cache keeps one length: no cut
+    hook.remove()
+    assert together.num_completion_tokens > len(PROMPTS) * 2
+
+
 def test_config_accepts_the_two_caches_and_names_the_field_otherwise(tiny_config):
     assert tiny_config().generation_cache == "dynamic"
     assert tiny_config(generation_cache="static").generation_cache == "static"
