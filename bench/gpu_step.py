@@ -12,9 +12,11 @@ How it differs from a real training step:
 2. A word-level tokenizer over the model's vocabulary stands in for Qwen's; prompts are random tokens.
 3. EOS is suppressed (generation_config.suppress_tokens): every completion is max_new_tokens long.
 4. Rewards are Bernoulli(--positive-rate), fixed by the seed: a random model solves nothing.
-5. Decode speed is timed at --timed-tokens new tokens, eager and static at the same batch, each after a
-   warm-up of the same shapes; the rollouts that POPO and GRPO train on have the full shape
-   prompts x rollouts x max_new_tokens and come from --full-cache (static: compiled on first use).
+5. Decode speed is timed at --timed-tokens new tokens, eager, static and paged (continuous batching)
+   at the same batch, each after a warm-up of the same shapes (every completion runs to the end, so
+   paged's gain from dropping finished rows does not show here); the rollouts that POPO and GRPO train
+   on have the full shape prompts x rollouts x max_new_tokens and come from --full-cache (static:
+   compiled on first use).
 6. GRPO's step runs after POPO's on the same rollouts, with its own AdamW (POPO's is freed first); the
    adapter has moved by one step, which changes no cost.
 Writes bench/results/gpu_step-<device>.{md,json} and prints the table.
@@ -285,6 +287,11 @@ def measure_rollouts(
             timed_decode(phases, "rollout_static", label, "static", sampling, timed)
         except Exception as error:
             notes.append(f"static cache failed: {error!r}"[:500])
+    label = "rollout, paged (continuous batching" + (", CUDA graphs)" if cuda else ")")
+    try:
+        timed_decode(phases, "rollout_paged", label, "paged", sampling, timed)
+    except Exception as error:
+        notes.append(f"paged cache failed: {error!r}"[:500])
     lengths = rollouts.completion_mask.sum(1)
     if int(lengths.min()) != config.max_new_tokens:
         notes.append(f"completions not all {config.max_new_tokens} tokens long: {lengths.tolist()}")
@@ -378,7 +385,7 @@ def run(args: argparse.Namespace) -> dict:
     measure_steps(phases, model, rollouts, config, args)
 
     by_key = {row["key"]: row for row in phases.rows}
-    static = by_key.get("rollout_static")
+    static, paged = by_key.get("rollout_static"), by_key.get("rollout_paged")
     return {
         "date": datetime.now().isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -402,6 +409,9 @@ def run(args: argparse.Namespace) -> dict:
         / by_key["grpo_step"]["tokens_per_s"],
         "static_over_eager_decode": (
             static["tokens_per_s"] / by_key["rollout_eager"]["tokens_per_s"] if static else None
+        ),
+        "paged_over_eager_decode": (
+            paged["tokens_per_s"] / by_key["rollout_eager"]["tokens_per_s"] if paged else None
         ),
         # the plan at the prompts' real longest length: its worst case is then this run's shapes
         "plan": planned_peak(dataclasses.replace(config, max_prompt_tokens=prompt_tokens), model_config),
@@ -441,9 +451,10 @@ def table(results: dict) -> str:
         lines.append(f"| {row['phase']} | {row['shape']} | {row['seconds']:.1f} | {memory} | {speed} |")
     ratio = results["popo_over_grpo_train_tokens_per_s"]
     lines.append(f"| POPO / GRPO training tokens/s | same rollouts | | | {ratio:.2f}x |")
-    speedup = results["static_over_eager_decode"]
-    if speedup is not None:
-        lines.append(f"| static / eager decode tokens/s | same batch | | | {speedup:.2f}x |")
+    for cache in ("static", "paged"):
+        speedup = results.get(f"{cache}_over_eager_decode")
+        if speedup is not None:
+            lines.append(f"| {cache} / eager decode tokens/s | same batch | | | {speedup:.2f}x |")
     plan = results["plan"]
     if isinstance(plan, dict):
         measured = max(row.get("peak_gib", 0.0) for row in results["phases"])

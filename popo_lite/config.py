@@ -105,8 +105,10 @@ class Config:
         "KV cache of rollout generation: dynamic = Hugging Face's default growing cache, eager; static = HF "
         "static KV cache + torch.compile of the decoding forward (CUDA only; on CPU the static cache runs "
         "uncompiled). Static helps on CUDA at a fixed batch, one compile per shape (MEASURED.md section 1: "
-        "1.6x at batch 64 on an H100, 57 s first compile).",
-        ("dynamic", "static"),
+        "1.6x at batch 64 on an H100, 57 s first compile); paged = transformers' continuous batching "
+        "(generate_batch: paged cache shared by a group's samples, finished rows leave the batch; CUDA "
+        "graphs on a GPU; not yet measured on one).",
+        ("dynamic", "static", "paged"),
     )
     prefill_chunk_size: int | None = _f(
         None,

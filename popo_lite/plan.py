@@ -297,7 +297,9 @@ def estimate(config: Config, model_config=None, processes: int = 1) -> MemoryPla
     batch = min(config.generation_batch_size or rollouts, rollouts)
     # bitsandbytes expands an NF4 weight to the compute dtype for each matmul over many tokens (CUDA)
     dequantised = max(i * o for i, o in shape.linears().values()) * b if config.qlora else 0
-    static, sampling = config.generation_cache == "static", 2 if config.temperature == 1.0 else 3
+    # paged (continuous batching) allocates its whole cache up front too, like static
+    static = config.generation_cache in ("static", "paged")
+    sampling = 2 if config.temperature == 1.0 else 3
     chunk = min(config.prefill_chunk_size or prompt, prompt)
     generation, kv, generation_work = generation_bytes(
         shape, b, targets, batch, prompt, chunk, new, static, sampling, dequantised

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 from transformers import CompileConfig
 
-CACHES = ("dynamic", "static")  # Config.generation_cache
+CACHES = ("dynamic", "static", "paged")  # Config.generation_cache
+PAGE_SIZE = 256  # tokens per page of the paged cache (transformers' ContinuousBatchingConfig default)
 
 
 @dataclass
@@ -55,7 +56,7 @@ def _cache_options(cache: str, device: torch.device) -> dict:
     """`generate` arguments for a KV cache choice (Config.generation_cache)."""
     if cache not in CACHES:
         raise ValueError(f"cache: {cache!r} is not one of {', '.join(CACHES)}")
-    if cache == "dynamic":
+    if cache in ("dynamic", "paged"):  # paged: continuous batching, not `generate` (_continuous_batching)
         return {}
     options: dict = {"cache_implementation": "static"}
     if device.type == "cuda":
@@ -126,6 +127,7 @@ def generate_rollouts(
 
     temperature 0 means greedy decoding (evaluation); training always samples. `cache` "static" is
     HF's static KV cache, compiled on CUDA (Config.generation_cache); it samples the same tokens.
+    "paged" is transformers' continuous batching instead of `generate` (same greedy tokens).
     """
     start = time.perf_counter()
     device = next(model.parameters()).device
@@ -139,6 +141,20 @@ def generate_rollouts(
         sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     else:
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+    if cache == "paged":
+        with generation_mode(model):
+            completions = _continuous_batching(
+                model,
+                tokenizer,
+                prompt_ids,
+                prompt_mask,
+                group_size,
+                sampling,
+                max_new_tokens,
+                stop_ids,
+                prefill_chunk_size,
+            )
+        return assemble(prompt_ids, prompt_mask, [completions], tokenizer, stop_ids, group_size, start)
     pieces = []
     rows = prompt_ids.shape[0]
     step = min(batch_size or rows, rows)
@@ -165,6 +181,53 @@ def generate_rollouts(
                 pieces.append(output[:, width:])
     completions = pad_right(pieces, tokenizer.pad_token_id)[torch.argsort(order).to(prompt_ids.device)]
     return assemble(prompt_ids, prompt_mask, [completions], tokenizer, stop_ids, group_size, start)
+
+
+def _continuous_batching(
+    model, tokenizer, prompt_ids, prompt_mask, group_size, sampling, max_new_tokens, stop_ids, prefill_chunk
+) -> torch.Tensor:
+    """Completion ids (B*G, T) from transformers' continuous batching (`generate_batch`).
+
+    A paged KV cache, where a group's G samples share their prompt's pages, and a scheduler that drops
+    a finished sequence from the batch: no compute on padding or on sequences past their EOS. The cache
+    is sized for the worst case (every row at its full length), as the dynamic cache would reach; one
+    forward takes every decoding row plus `prefill_chunk` prompt positions (a whole prompt when None).
+    """
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    firsts = zip(prompt_ids[::group_size], prompt_mask[::group_size], strict=True)
+    prompts = [ids[mask.bool()].tolist() for ids, mask in firsts]
+    rows = len(prompts) * group_size
+    generation = GenerationConfig(
+        **{key: value for key, value in sampling.items() if value is not None},
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stop_ids,
+        pad_token_id=tokenizer.pad_token_id,
+        # greedy: one sequence per prompt, copied G times below (generate_batch refuses G greedy ones)
+        num_return_sequences=group_size if sampling["do_sample"] else 1,
+    )
+    pages = sum(-(-(len(prompt) + max_new_tokens) // PAGE_SIZE) for prompt in prompts) * group_size
+    batching = ContinuousBatchingConfig(
+        page_size=PAGE_SIZE,
+        num_blocks=pages,
+        max_batch_tokens=rows + (prefill_chunk or max(map(len, prompts))),
+    )
+    results = model.generate_batch(prompts, generation_config=generation, continuous_batching_config=batching)
+    outputs = list(results.values())  # in prompt order, a prompt's G samples together
+    if not sampling["do_sample"]:
+        outputs = [output for output in outputs for _ in range(group_size)]
+    failed = [output.error for output in outputs if output.error is not None]
+    if len(outputs) != rows or failed:
+        raise RuntimeError(
+            f"continuous batching returned {len(outputs) - len(failed)} of {rows} completions "
+            f"({'; '.join(failed[:3]) or 'see the log above'}); generation_cache: dynamic avoids it"
+        )
+    completions = torch.full(
+        (rows, max(len(output.generated_tokens) for output in outputs)), tokenizer.pad_token_id
+    )
+    for row, output in enumerate(outputs):
+        completions[row, : len(output.generated_tokens)] = torch.tensor(output.generated_tokens)
+    return completions.to(prompt_ids.device)
 
 
 def pad_right(pieces: list[torch.Tensor], pad_id: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ PHASES = [
     "rollout_eager",
     "rollout_full",
     "rollout_static",
+    "rollout_paged",
     "popo_step",
     "popo_step_entropy_positives",
     "popo_step_packed",
@@ -37,10 +38,17 @@ def test_gpu_step_tiny_run_reports_every_phase_and_a_finite_popo_grpo_ratio(tmp_
     assert [row["key"] for row in results["phases"]] == PHASES
     ratio = results["popo_over_grpo_train_tokens_per_s"]
     assert math.isfinite(ratio) and ratio > 0
-    assert results["static_over_eager_decode"] > 0
+    assert results["static_over_eager_decode"] > 0 and results["paged_over_eager_decode"] > 0
     assert not any("not all" in note or "failed" in note for note in results["notes"]), results["notes"]
     printed = capsys.readouterr().out
-    for label in ("rollout, eager", "rollout, static cache", "POPO step", "GRPO step", "POPO / GRPO"):
+    for label in (
+        "rollout, eager",
+        "rollout, static cache",
+        "rollout, paged",
+        "POPO step",
+        "GRPO step",
+        "POPO / GRPO",
+    ):
         assert label in printed
     slug = bench.device_slug(results["device"])
     saved = json.loads((tmp_path / f"gpu_step-{slug}.json").read_text())

@@ -30,11 +30,32 @@ def test_static_cache_greedy_rollouts_equal_dynamic_token_for_token(tiny_config,
         )
 
     dynamic = rollouts("dynamic")
-    for static in (rollouts("static"), rollouts("static")):  # the second reuses the sized static cache
-        assert torch.equal(dynamic.completion_ids, static.completion_ids)
-        assert torch.equal(dynamic.completion_mask, static.completion_mask)
-        assert dynamic.texts == static.texts
-    assert static.num_completion_tokens > len(PROMPTS) * 2  # not all empty: something was compared
+    # the second static call reuses the sized static cache; paged is continuous batching
+    for other in (rollouts("static"), rollouts("static"), rollouts("paged")):
+        assert torch.equal(dynamic.completion_ids, other.completion_ids)
+        assert torch.equal(dynamic.completion_mask, other.completion_mask)
+        assert dynamic.texts == other.texts
+    assert dynamic.num_completion_tokens > len(PROMPTS) * 2  # not all empty: something was compared
+
+
+def test_sampled_first_tokens_follow_the_tempered_policy_with_each_cache(tiny_config):
+    """Sampling with temperature 0.2: the first tokens' frequencies match softmax(logits / 0.2)."""
+    model, tokenizer, _ = load_policy(tiny_config())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B.policy" in name:
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+        prompt = tokenizer("12", return_tensors="pt", add_special_tokens=False)
+        logits = model(**prompt).logits[0, -1]
+    tempered, plain = torch.softmax(logits / 0.2, -1), torch.softmax(logits, -1)
+    assert (tempered - plain).abs().sum() / 2 > 0.2  # an ignored temperature would fail below
+    torch.manual_seed(0)
+    for cache in ("dynamic", "paged"):
+        sampled = generate_rollouts(
+            model, tokenizer, ["12"], 1000, max_new_tokens=1, temperature=0.2, cache=cache
+        ).completion_ids[:, 0]
+        frequencies = torch.bincount(sampled, minlength=len(tempered)).float() / len(sampled)
+        assert (frequencies - tempered).abs().sum() / 2 < 0.08, cache  # total variation
 
 
 def test_chunked_prefill_greedy_rollouts_equal_whole_prompt_prefill(tiny_config):
@@ -102,17 +123,18 @@ def test_batches_sorted_by_prompt_length_and_cut_to_it_give_the_same_greedy_roll
     assert together.num_completion_tokens > len(PROMPTS) * 2
 
 
-def test_config_accepts_the_two_caches_and_names_the_field_otherwise(tiny_config):
+def test_config_accepts_the_caches_and_names_the_field_otherwise(tiny_config):
     assert tiny_config().generation_cache == "dynamic"
     assert tiny_config(generation_cache="static").generation_cache == "static"
+    assert tiny_config(generation_cache="paged").generation_cache == "paged"
     with pytest.raises(ConfigError, match="generation_cache"):
-        tiny_config(generation_cache="paged")
+        tiny_config(generation_cache="offloaded")
 
 
 def test_generate_rollouts_rejects_an_unknown_cache(tiny_config):
     model, tokenizer, _ = load_policy(tiny_config())
     with pytest.raises(ValueError, match="cache"):
-        generate_rollouts(model, tokenizer, PROMPTS, group_size=1, max_new_tokens=2, cache="paged")
+        generate_rollouts(model, tokenizer, PROMPTS, group_size=1, max_new_tokens=2, cache="offloaded")
 
 
 def test_compile_veto_of_a_bitsandbytes_base_is_lifted_only_inside_the_block():
@@ -136,3 +158,8 @@ def test_trainer_generates_with_the_configured_cache(tiny_config):
         with pytest.raises(Stop):
             next(train(tiny_config(generation_cache="static", steps=1)))
     assert generate.call_args.kwargs["cache"] == "static"
+
+
+def test_a_training_step_runs_on_the_paged_cache(tiny_config):
+    (record,) = train(tiny_config(generation_cache="paged", steps=1, seed=3))
+    assert record["step"] == 1 and record["completion_length"] > 0 and record["seconds_generate"] > 0
