@@ -16,13 +16,19 @@ from popo_lite.trainer import train
 PROMPTS = ["7", "12345678", "904"]  # different lengths: left padding in every batch
 
 
-@pytest.mark.parametrize("qlora", [False, True], ids=["fp32", "nf4"])
-def test_static_cache_greedy_rollouts_equal_dynamic_token_for_token(tiny_config, qlora):
-    model, tokenizer, _ = load_policy(tiny_config(qlora=qlora))
-    with torch.no_grad():  # a non-zero LoRA B, so the adapter takes part in every decoding step
+def live_policy(config):
+    """The tiny model's policy with a non-zero LoRA B, so the adapter takes part in every decoding step."""
+    model, tokenizer, _ = load_policy(config)
+    with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B.policy" in name:
                 param.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    return model, tokenizer
+
+
+@pytest.mark.parametrize("qlora", [False, True], ids=["fp32", "nf4"])
+def test_static_cache_greedy_rollouts_equal_dynamic_token_for_token(tiny_config, qlora):
+    model, tokenizer = live_policy(tiny_config(qlora=qlora))
 
     def rollouts(cache: str):
         return generate_rollouts(
@@ -40,11 +46,8 @@ def test_static_cache_greedy_rollouts_equal_dynamic_token_for_token(tiny_config,
 
 def test_sampled_first_tokens_follow_the_tempered_policy_with_each_cache(tiny_config):
     """Sampling with temperature 0.2: the first tokens' frequencies match softmax(logits / 0.2)."""
-    model, tokenizer, _ = load_policy(tiny_config())
+    model, tokenizer = live_policy(tiny_config())
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B.policy" in name:
-                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
         prompt = tokenizer("12", return_tensors="pt", add_special_tokens=False)
         logits = model(**prompt).logits[0, -1]
     tempered, plain = torch.softmax(logits / 0.2, -1), torch.softmax(logits, -1)
@@ -59,11 +62,7 @@ def test_sampled_first_tokens_follow_the_tempered_policy_with_each_cache(tiny_co
 
 
 def test_chunked_prefill_greedy_rollouts_equal_whole_prompt_prefill(tiny_config):
-    model, tokenizer, _ = load_policy(tiny_config())
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B.policy" in name:
-                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    model, tokenizer = live_policy(tiny_config())
 
     def rollouts(chunk: int | None):
         options = {"max_new_tokens": 10, "temperature": 0, "prefill_chunk_size": chunk}
@@ -89,11 +88,7 @@ def test_chunked_prefill_greedy_rollouts_equal_whole_prompt_prefill(tiny_config)
 
 
 def test_batches_sorted_by_prompt_length_and_cut_to_it_give_the_same_greedy_rollouts(tiny_config):
-    model, tokenizer, _ = load_policy(tiny_config())
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B.policy" in name:
-                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    model, tokenizer = live_policy(tiny_config())
     widths: list[int] = []  # prompt positions of each generate call's input
     hook = (
         model.get_base_model()
