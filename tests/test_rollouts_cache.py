@@ -18,6 +18,7 @@ PROMPTS = ["7", "12345678", "904"]  # different lengths: left padding in every b
 
 def live_policy(config):
     """The tiny model's policy with a non-zero LoRA B, so the adapter takes part in every decoding step."""
+    torch.manual_seed(0)  # LoRA A's initialisation: the same whatever ran before
     model, tokenizer, _ = load_policy(config)
     with torch.no_grad():
         for name, param in model.named_parameters():
