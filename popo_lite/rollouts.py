@@ -132,8 +132,6 @@ def generate_rollouts(
     start = time.perf_counter()
     device = next(model.parameters()).device
     cache_options = _cache_options(cache, device)
-    if prefill_chunk_size is not None:  # prompts enter the KV cache this many positions per forward
-        cache_options["prefill_chunk_size"] = prefill_chunk_size
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, group_size, max_prompt_tokens, device)
     stop_ids = eos_ids(model, tokenizer)
     if temperature == 0:
@@ -141,50 +139,51 @@ def generate_rollouts(
         sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     else:
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-    if cache == "paged":
-        with generation_mode(model):
-            completions = _continuous_batching(
-                model,
-                tokenizer,
-                prompt_ids,
-                prompt_mask,
-                group_size,
-                sampling,
-                max_new_tokens,
-                stop_ids,
-                prefill_chunk_size,
-            )
-        return assemble(prompt_ids, prompt_mask, [completions], tokenizer, stop_ids, group_size, start)
-    pieces = []
-    rows = prompt_ids.shape[0]
-    step = min(batch_size or rows, rows)
-    # Batches of similar prompt lengths (stable: a group's rows stay together), each cut to its longest
-    # prompt, so short prompts do not carry a long one's left padding through every decoding step. Not
-    # with the static cache: one cache length, one compile.
-    order = torch.sort(prompt_mask.sum(1), stable=True).indices if step < rows else torch.arange(rows)
-    trim = cache == "dynamic"
+    generation = {
+        **sampling,
+        "max_new_tokens": max_new_tokens,
+        "eos_token_id": stop_ids,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     with generation_mode(model):
-        with _compilable(model) if "compile_config" in cache_options else nullcontext():
-            for first in range(0, rows, step):
-                index = order[first : first + step].to(prompt_ids.device)
-                width = int(prompt_mask[index].sum(1).max()) if trim else prompt_ids.shape[1]
-                output = model.generate(
-                    input_ids=prompt_ids[index, -width:],
-                    attention_mask=prompt_mask[index, -width:],
-                    **sampling,
-                    max_new_tokens=max_new_tokens,
-                    eos_token_id=stop_ids,
-                    pad_token_id=tokenizer.pad_token_id,
-                    use_cache=True,
-                    **cache_options,
-                )
-                pieces.append(output[:, width:])
-    completions = pad_right(pieces, tokenizer.pad_token_id)[torch.argsort(order).to(prompt_ids.device)]
+        if cache == "paged":
+            completions = _continuous_batching(
+                model, prompt_ids, prompt_mask, group_size, generation, prefill_chunk_size
+            )
+        else:
+            if prefill_chunk_size is not None:  # prompts enter the KV cache this many positions per forward
+                cache_options["prefill_chunk_size"] = prefill_chunk_size
+            options = {**generation, **cache_options, "use_cache": True}
+            completions = _generate_by_length(model, prompt_ids, prompt_mask, options, batch_size, cache)
     return assemble(prompt_ids, prompt_mask, [completions], tokenizer, stop_ids, group_size, start)
 
 
+def _generate_by_length(
+    model, prompt_ids, prompt_mask, options: dict, batch_size: int | None, cache: str
+) -> torch.Tensor:
+    """Completion ids (B*G, T) from HF `generate`, `batch_size` rows per call, in the rows' order.
+
+    Smaller batches are formed by prompt length (stable: a group's rows stay together), each cut to its
+    longest prompt, so short prompts do not carry a long one's left padding through every decoding step.
+    Not with the static cache: one cache length, one compile.
+    """
+    rows = prompt_ids.shape[0]
+    step = min(batch_size or rows, rows)
+    order = torch.sort(prompt_mask.sum(1), stable=True).indices if step < rows else torch.arange(rows)
+    pieces = []
+    with _compilable(model) if "compile_config" in options else nullcontext():
+        for first in range(0, rows, step):
+            index = order[first : first + step].to(prompt_ids.device)
+            width = int(prompt_mask[index].sum(1).max()) if cache == "dynamic" else prompt_ids.shape[1]
+            output = model.generate(
+                input_ids=prompt_ids[index, -width:], attention_mask=prompt_mask[index, -width:], **options
+            )
+            pieces.append(output[:, width:])
+    return pad_right(pieces, options["pad_token_id"])[torch.argsort(order).to(prompt_ids.device)]
+
+
 def _continuous_batching(
-    model, tokenizer, prompt_ids, prompt_mask, group_size, sampling, max_new_tokens, stop_ids, prefill_chunk
+    model, prompt_ids, prompt_mask, group_size: int, generation: dict, prefill_chunk: int | None
 ) -> torch.Tensor:
     """Completion ids (B*G, T) from transformers' continuous batching (`generate_batch`).
 
@@ -197,24 +196,22 @@ def _continuous_batching(
 
     firsts = zip(prompt_ids[::group_size], prompt_mask[::group_size], strict=True)
     prompts = [ids[mask.bool()].tolist() for ids, mask in firsts]
-    rows = len(prompts) * group_size
-    generation = GenerationConfig(
-        **{key: value for key, value in sampling.items() if value is not None},
-        max_new_tokens=max_new_tokens,
-        eos_token_id=stop_ids,
-        pad_token_id=tokenizer.pad_token_id,
+    rows, sampled = len(prompts) * group_size, generation["do_sample"]
+    config = GenerationConfig(
+        **{key: value for key, value in generation.items() if value is not None},
         # greedy: one sequence per prompt, copied G times below (generate_batch refuses G greedy ones)
-        num_return_sequences=group_size if sampling["do_sample"] else 1,
+        num_return_sequences=group_size if sampled else 1,
     )
-    pages = sum(-(-(len(prompt) + max_new_tokens) // PAGE_SIZE) for prompt in prompts) * group_size
+    new = generation["max_new_tokens"]
+    pages = sum(-(-(len(prompt) + new) // PAGE_SIZE) for prompt in prompts) * group_size
     batching = ContinuousBatchingConfig(
         page_size=PAGE_SIZE,
         num_blocks=pages,
         max_batch_tokens=rows + (prefill_chunk or max(map(len, prompts))),
     )
-    results = model.generate_batch(prompts, generation_config=generation, continuous_batching_config=batching)
+    results = model.generate_batch(prompts, generation_config=config, continuous_batching_config=batching)
     outputs = list(results.values())  # in prompt order, a prompt's G samples together
-    if not sampling["do_sample"]:
+    if not sampled:
         outputs = [output for output in outputs for _ in range(group_size)]
     failed = [output.error for output in outputs if output.error is not None]
     if len(outputs) != rows or failed:
@@ -222,12 +219,8 @@ def _continuous_batching(
             f"continuous batching returned {len(outputs) - len(failed)} of {rows} completions "
             f"({'; '.join(failed[:3]) or 'see the log above'}); generation_cache: dynamic avoids it"
         )
-    completions = torch.full(
-        (rows, max(len(output.generated_tokens) for output in outputs)), tokenizer.pad_token_id
-    )
-    for row, output in enumerate(outputs):
-        completions[row, : len(output.generated_tokens)] = torch.tensor(output.generated_tokens)
-    return completions.to(prompt_ids.device)
+    pieces = [torch.tensor([output.generated_tokens]) for output in outputs]
+    return pad_right(pieces, generation["pad_token_id"]).to(prompt_ids.device)
 
 
 def pad_right(pieces: list[torch.Tensor], pad_id: int) -> torch.Tensor:
