@@ -261,7 +261,8 @@ def sizes_config(args: argparse.Namespace) -> Config:
 def measure_rollouts(
     phases: Phases, sampling: tuple, args: argparse.Namespace, notes: list[str]
 ) -> tuple[Rollouts, str]:
-    """Eager and static decode speed at one batch; the full-shape rollouts to train on and their cache."""
+    """Eager, static and paged decode speed at one batch; the full-shape rollouts to train on and their
+    cache."""
     model, tokenizer, prompts, config, seed = sampling
     cuda = next(model.parameters()).device.type == "cuda"
     timed = min(args.timed_tokens, config.max_new_tokens)
