@@ -195,8 +195,8 @@ def prepare(config: Config, resume: bool = False) -> Session:
         session.step = state["step"]
         session.sampler.load_state_dict(state["sampler"])
         session.noise_generator.set_state(state["noise_generator"])
-    for name in ("metrics.jsonl", "rollouts.jsonl"):
-        if session.is_main:
+    if session.is_main:
+        for name in ("metrics.jsonl", "rollouts.jsonl"):
             truncate_jsonl(run_dir / name, session.step)
     return session
 
