@@ -45,7 +45,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from popo_lite.config import Config, load_config  # noqa: E402
-from popo_lite.model import attach_adapters, resolve_device, resolve_dtype  # noqa: E402
+from popo_lite.model import (  # noqa: E402
+    attach_adapters,
+    keep_nf4_layers_trainable,
+    resolve_device,
+    resolve_dtype,
+)
 from popo_lite.rollouts import Rollouts, generate_rollouts  # noqa: E402
 from popo_lite.siamese import Predictor, ema_reset, ema_update  # noqa: E402
 from popo_lite.updates import grpo_update, popo_update  # noqa: E402
@@ -140,6 +145,7 @@ def build_base(shape: str, device: torch.device, dtype: torch.dtype, max_positio
     with device:  # random init straight on the device: no CPU copy of 7B
         base = Qwen2ForCausalLM._from_config(model_config, dtype=dtype)
     swap_linears_for_nf4(base.model.layers, dtype)
+    keep_nf4_layers_trainable(base)  # as popo_lite's loader does (AVX512-BF16 CPUs repack NF4 otherwise)
     bnb_config = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",

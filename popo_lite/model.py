@@ -159,8 +159,36 @@ def load_base(config: Config, check_tokenizer=None) -> tuple[object, object, tor
         raise ModelError(f"model: cannot load {config.model!r}: {error}") from None
     if not config.qlora:
         base.to(device)
+    keep_nf4_layers_trainable(base)
     base.requires_grad_(False)
     return base, tokenizer, device
+
+
+def keep_nf4_layers_trainable(model) -> int:
+    """Switch off bitsandbytes' CPU repacking on every NF4 layer below `model`; return how many.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) converts a `Linear4bit`'s weight and quant state
+    IN PLACE to a packed inference format at the first eval-mode forward whose input needs no grad
+    (every generation does one), and the layer stays packed. A packed layer's backward gives its input
+    no gradient, so the gradient stops at the frozen 4-bit base layers and never reaches the LoRA
+    adapters below them: `--qlora` then trains wrong from the second step on. Keeping the plain NF4
+    format costs that CPU its faster inference kernel and changes nothing on a GPU. A layer already
+    packed is converted back first.
+    """
+    try:
+        import bitsandbytes as bnb
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    except ImportError:  # no bitsandbytes: no NF4 layer either
+        return 0
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+        weight = layer.weight
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                weight.data, weight.quant_state
+            )
+    return len(layers)
 
 
 def load_policy(config: Config, check_tokenizer=None) -> tuple[PeftModel, object, torch.device]:

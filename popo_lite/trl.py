@@ -52,7 +52,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 
 from popo_lite.logprobs import CompletionStats, completion_stats
-from popo_lite.model import EMA
+from popo_lite.model import EMA, keep_nf4_layers_trainable
 from popo_lite.objectives import ENTROPY_OVER, WEIGHT_MODES, popo_loss, popo_weights
 from popo_lite.siamese import Predictor, adapter_pairs, ema_forward, ema_reset
 from popo_lite.trl_callbacks import EMAUpdateCallback
@@ -176,6 +176,7 @@ class POPOTrainer(GRPOTrainer):
                 # fp32 shadow: (1 - tau) * delta underflows in bf16 at tau = 0.999 (POPO_SPEC section 2).
                 param.data = param.data.float()
         peft_model.set_adapter(policy)  # also makes the policy trainable and the EMA frozen again
+        keep_nf4_layers_trainable(peft_model)  # a QLoRA model on an AVX512-BF16 CPU (see the function)
         self.peft_model, self.policy_adapter = peft_model, policy
         ema_reset(peft_model, policy)
         hidden_size = peft_model.get_base_model().config.get_text_config().hidden_size

@@ -26,6 +26,7 @@ from popo_lite.config import Config, ConfigError
 from popo_lite.model import (
     POLICY,
     finish_adapters,
+    keep_nf4_layers_trainable,
     load_tokenizer,
     lora_config,
     resolve_device,
@@ -75,6 +76,7 @@ def load_policy(config: Config, check_tokenizer=None) -> tuple[object, object, t
         device_map={"": device},
         trust_remote_code=config.trust_remote_code,
     )
+    keep_nf4_layers_trainable(model)  # as load_base does: see that function
     model = FastLanguageModel.get_peft_model(
         model,
         r=config.lora_rank,

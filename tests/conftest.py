@@ -54,6 +54,19 @@ def build_model_folder(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def live_policy(config: Config):
+    """The tiny model's policy with a non-zero LoRA B, so the adapter takes part in every forward."""
+    from popo_lite.model import load_policy
+
+    torch.manual_seed(0)  # LoRA A's initialisation: the same whatever ran before
+    model, tokenizer, _ = load_policy(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B.policy" in name:
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    return model, tokenizer
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_model_folder(tmp_path_factory.mktemp("tiny-llama"))

@@ -8,23 +8,14 @@ from unittest import mock
 import pytest
 import torch
 
+from conftest import live_policy
+
 from popo_lite.config import ConfigError
 from popo_lite.model import load_policy
 from popo_lite.rollouts import _compilable, generate_rollouts
 from popo_lite.trainer import train
 
 PROMPTS = ["7", "12345678", "904"]  # different lengths: left padding in every batch
-
-
-def live_policy(config):
-    """The tiny model's policy with a non-zero LoRA B, so the adapter takes part in every decoding step."""
-    torch.manual_seed(0)  # LoRA A's initialisation: the same whatever ran before
-    model, tokenizer, _ = load_policy(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B.policy" in name:
-                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
-    return model, tokenizer
 
 
 @pytest.mark.parametrize("qlora", [False, True], ids=["fp32", "nf4"])
