@@ -7,7 +7,6 @@ from unittest import mock
 
 import pytest
 import torch
-
 from conftest import live_policy
 
 from popo_lite.config import ConfigError
