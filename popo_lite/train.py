@@ -7,39 +7,13 @@ values are overridden by options, and a progress bar shows the per-step records.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
 
-import yaml
 from tqdm import tqdm
 
-from popo_lite.config import Config, ConfigError, load_config
-
-
-def _value_parser(field: dataclasses.Field):
-    """Turn an option's text into the field's type; YAML syntax for lists and null."""
-    kinds = [part.strip() for part in str(field.type).split("|")]
-
-    def parse(text: str) -> Any:
-        if "None" in kinds and text.lower() in ("none", "null"):
-            return None
-        if "int" in kinds:
-            return int(text)
-        if "float" in kinds:
-            return float(text)
-        if any(kind.startswith("list") for kind in kinds):
-            if text.startswith("["):
-                return yaml.safe_load(text)
-            if "," in text or "str" not in kinds:  # "a,b" is a list; a lone "all-linear" stays a string
-                items = [item.strip() for item in text.split(",") if item.strip()]
-                return [int(item) for item in items] if "list[int]" in kinds else items
-        return text
-
-    parse.__name__ = kinds[0]  # argparse names the type in its error message
-    return parse
+from popo_lite.config import Config, ConfigError, add_config_options, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,25 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Continue the run named by --run_name (or the config) from its last checkpoint.",
     )
-    defaults = Config()
-    for field in dataclasses.fields(Config):
-        option = "--" + field.name
-        help_text = field.metadata["help"] + f" (default: {getattr(defaults, field.name)!r})"
-        if field.type == "bool":
-            parser.add_argument(
-                option, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
-            )
-        else:
-            parser.add_argument(
-                option,
-                type=_value_parser(field),
-                default=argparse.SUPPRESS,
-                choices=field.metadata.get("choices"),
-                help=help_text,
-                metavar="{" + ",".join(field.metadata["choices"]) + "}"
-                if field.metadata.get("choices")
-                else "VALUE",
-            )
+    add_config_options(parser)
     return parser
 
 
@@ -92,13 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     if config.model_loader == "unsloth":
         _import_unsloth_first()
     # Heavy imports (torch, transformers) only once the config is known to be good: --help stays fast.
-    from popo_lite.data import DataError
-    from popo_lite.distributed import is_main_process
-    from popo_lite.failures import TrainingError
-    from popo_lite.jobs import holding_slot, slot_of
-    from popo_lite.model import ModelError
-    from popo_lite.runs import RunsError
-    from popo_lite.trainer import train
+    from popo_lite.data.problems import DataError
+    from popo_lite.engine.model import ModelError
+    from popo_lite.training.distributed import is_main_process
+    from popo_lite.training.failures import TrainingError
+    from popo_lite.training.job_slot import holding_slot, slot_of
+    from popo_lite.training.runs import RunsError
+    from popo_lite.training.trainer import train
 
     main_process = is_main_process()  # under `accelerate launch` only one process prints
     # One job per GPU, as the web panel keeps it; under `accelerate launch` the main process holds it.

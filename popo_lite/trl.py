@@ -48,17 +48,29 @@ from typing import ClassVar
 
 import torch
 from peft import LoraConfig, PeftModel
+from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 
-from popo_lite.logprobs import CompletionStats, completion_stats
-from popo_lite.model import EMA, keep_nf4_layers_trainable
-from popo_lite.objectives import ENTROPY_OVER, WEIGHT_MODES, popo_loss, popo_weights
-from popo_lite.siamese import Predictor, adapter_pairs, ema_forward, ema_reset
-from popo_lite.trl_callbacks import EMAUpdateCallback
+from popo_lite.core.logprobs import CompletionStats, completion_stats
+from popo_lite.core.objectives import ENTROPY_OVER, WEIGHT_MODES, popo_loss, popo_weights
+from popo_lite.core.siamese import Predictor, adapter_pairs, ema_forward, ema_reset, ema_update
+from popo_lite.engine.model import EMA, keep_nf4_layers_trainable
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "popo_state.pt"
+
+
+class EMAUpdateCallback(TrainerCallback):
+    """After each optimizer step: the momentum law on the EMA adapter, and the predictor's gradients cleared
+    (Trainer's `model.zero_grad()` does not reach the predictor, which is not part of the model)."""
+
+    def __init__(self, model: PeftModel, policy: str, predictor: Predictor, tau: float) -> None:
+        self.model, self.policy, self.predictor, self.tau = model, policy, predictor, tau
+
+    def on_step_end(self, args, state, control, **kwargs):
+        ema_update(self.model, self.tau, self.policy)
+        self.predictor.zero_grad(set_to_none=True)
 
 
 @dataclass
@@ -169,7 +181,7 @@ class POPOTrainer(GRPOTrainer):
         policy = peft_model.active_adapter
         if not isinstance(peft_model.peft_config[policy], LoraConfig):
             raise ValueError(f"POPOTrainer needs a LoRA adapter; {policy!r} is not one")
-        if EMA not in peft_model.peft_config:  # a model from popo_lite.model.load_policy already has one
+        if EMA not in peft_model.peft_config:  # a model from engine.choose.load_policy has one
             peft_model.add_adapter(EMA, copy.deepcopy(peft_model.peft_config[policy]))
         for name, param in peft_model.named_parameters():
             if f".{EMA}." in name:

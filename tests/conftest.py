@@ -56,7 +56,7 @@ def build_model_folder(folder: Path, seed: int = 0) -> Path:
 
 def live_policy(config: Config):
     """The tiny model's policy with a non-zero LoRA B, so the adapter takes part in every forward."""
-    from popo_lite.model import load_policy
+    from popo_lite.engine.choose import load_policy
 
     torch.manual_seed(0)  # LoRA A's initialisation: the same whatever ran before
     model, tokenizer, _ = load_policy(config)

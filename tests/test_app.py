@@ -262,7 +262,7 @@ def test_rollout_inspector_finds_positive_completions_first(page, panel):
 def test_evaluate_runs_on_a_checkpoint_or_says_it_is_missing(page, panel):
     from playwright.sync_api import expect
 
-    from popo_lite import jobs
+    from popo_lite.panel import jobs
 
     page.get_by_role("tab", name="Evaluate").click()
     if not jobs.evaluate_available():
@@ -282,7 +282,7 @@ def test_evaluate_runs_on_a_checkpoint_or_says_it_is_missing(page, panel):
 
 def test_callbacks_refuse_names_and_paths_outside_the_runs_folder(panel):
     """What a crafted request could send, bypassing the dropdowns: nothing is read or written outside."""
-    from popo_lite import panel as ui
+    from popo_lite.panel import ui
 
     root, configs = panel.runs, panel.configs
     secret = root.parent / "secret.yaml"

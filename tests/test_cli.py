@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import CLI_ENV, ROOT
 
-from popo_lite import jobs
 from popo_lite.config import Config, ConfigError, load_config
+from popo_lite.panel import jobs
 from popo_lite.train import build_parser
 
 

@@ -12,7 +12,8 @@ import pytest
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
-from popo_lite.data import (
+from popo_lite.core.rewards import math_reward
+from popo_lite.data.problems import (
     BUNDLED,
     DATA_DIR,
     EVAL_BENCHMARKS,
@@ -22,7 +23,6 @@ from popo_lite.data import (
     format_prompt,
     load_problems,
 )
-from popo_lite.rewards import math_reward
 
 # Records per SOURCES.md; math_train and deepscaler_math drop rows whose gold is empty (2 and 4).
 COUNTS = {
@@ -280,5 +280,5 @@ def test_unknown_template_names_it_and_lists_choices():
 
 
 def test_bundled_data_ships_inside_the_package():
-    assert DATA_DIR == Path(__file__).resolve().parents[1] / "popo_lite" / "datasets"
+    assert DATA_DIR == Path(__file__).resolve().parents[1] / "popo_lite" / "data" / "bundled"
     assert (DATA_DIR / "SOURCES.md").is_file()

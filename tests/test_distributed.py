@@ -18,8 +18,8 @@ import torch
 from conftest import CLI_ENV, ROOT
 
 from popo_lite.config import ConfigError
-from popo_lite.distributed import check_split, shard
-from popo_lite.trainer import prepare
+from popo_lite.training.distributed import check_split, shard
+from popo_lite.training.trainer import prepare
 
 WORKER = ROOT / "tests" / "distributed_worker.py"
 

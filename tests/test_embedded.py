@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from popo_lite.config import Config
-from popo_lite.data import format_prompt, load_problems
-from popo_lite.model import cache_dir, embedded_gguf_path, load_policy
-from popo_lite.rollouts import generate_rollouts
+from popo_lite.data.problems import format_prompt, load_problems
+from popo_lite.engine.choose import load_policy
+from popo_lite.engine.model import cache_dir, embedded_gguf_path
+from popo_lite.engine.rollouts import generate_rollouts
 
 
 def test_embedded_model_loads_offline_from_the_wheel_and_generates():

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from popo_lite.config import Config
-from popo_lite.data import load_problems
+from popo_lite.core.rewards import score
+from popo_lite.data.problems import load_problems
 from popo_lite.evaluate import (
     EvalSettings,
     EvaluationError,
@@ -29,8 +30,7 @@ from popo_lite.evaluate import (
     load_model,
     main,
 )
-from popo_lite.passk import avg_at_n, markdown_table, mean_pass_at_k, pass_at_k, summarise
-from popo_lite.rewards import score
+from popo_lite.evaluation.passk import avg_at_n, markdown_table, mean_pass_at_k, pass_at_k, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = {"problem_field": "q", "answer_field": "gold"}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from popo_lite.logprobs import completion_stats, position_ids_for
-from popo_lite.model import load_policy
-from popo_lite.rollouts import completion_mask_from, generate_rollouts
+from popo_lite.core.logprobs import completion_stats, position_ids_for
+from popo_lite.engine.choose import load_policy
+from popo_lite.engine.rollouts import completion_mask_from, generate_rollouts
 
 
 def _reference(model, input_ids, attention_mask, prompt_length, completion_mask, temperature):

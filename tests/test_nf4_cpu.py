@@ -2,7 +2,7 @@
 
 bitsandbytes repacks a `Linear4bit` in place for a faster inference kernel at its first eval-mode forward
 with an input that needs no grad, on CPUs with AVX512-BF16; a repacked layer gives its input no gradient,
-so the LoRA adapters below it stop learning (`popo_lite.model.keep_nf4_layers_trainable`). Each test
+so the LoRA adapters below it stop learning (`popo_lite.engine.model.keep_nf4_layers_trainable`). Each test
 does that eval forward and checks the gradients against a twin that never did one.
 """
 
@@ -15,7 +15,7 @@ from bitsandbytes.functional import has_avx512bf16
 from conftest import live_policy
 from torch import nn
 
-from popo_lite.model import keep_nf4_layers_trainable
+from popo_lite.engine.model import keep_nf4_layers_trainable
 
 pytestmark = pytest.mark.skipif(
     not has_avx512bf16(),

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from popo_lite.objectives import (
+from popo_lite.core.objectives import (
     entropy_bonus,
     grpo_advantages,
     grpo_loss,

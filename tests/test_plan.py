@@ -1,6 +1,6 @@
 """The memory planner: hand-computed sizes, consistency of the plan, and whole steps measured on the CPU.
 
-The measurements use `popo_lite.memory.PeakMemory` (live tensor storage, counted per op) on small
+The measurements use `popo_lite.planning.memory.PeakMemory` (live tensor storage, counted per op) on small
 Qwen2-shaped models built here: one where the vocabulary (log-prob chunks) dominates, one where the MLP
 (a recomputed decoder layer) does. The planner's formulas are the GPU's accounting; these checks hold
 them to within 15% of what the same code really allocates.
@@ -18,22 +18,22 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from popo_lite.config import Config, ConfigError, load_config
-from popo_lite.memory import PeakMemory, quant_state_tensors, tensors_of
-from popo_lite.model import POLICY, load_policy
-from popo_lite.plan import (
+from popo_lite.core.siamese import POLICY, Predictor, ema_reset
+from popo_lite.core.updates import grpo_update, popo_update
+from popo_lite.engine.choose import load_policy
+from popo_lite.engine.rollouts import Rollouts, generate_rollouts
+from popo_lite.plan import main
+from popo_lite.planning.estimate import (
     GIB,
     PHASE_PARTS,
     SHAPES,
     estimate,
     lora_params,
     lora_targets,
-    main,
     shape_from_config,
     weight_bytes,
 )
-from popo_lite.rollouts import Rollouts, generate_rollouts
-from popo_lite.siamese import Predictor, ema_reset
-from popo_lite.updates import grpo_update, popo_update
+from popo_lite.planning.memory import PeakMemory, quant_state_tensors, tensors_of
 
 ROOT = Path(__file__).resolve().parents[1]
 QWEN_7B, QWEN_1_5B = SHAPES["qwen/qwen2.5-math-7b"], SHAPES["qwen/qwen2.5-math-1.5b"]

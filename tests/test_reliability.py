@@ -17,13 +17,13 @@ from conftest import CLI_ENV
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import popo_lite.checkpoint as checkpoint_module
-import popo_lite.updates as updates_module
-from popo_lite.checkpoint import latest_checkpoint
-from popo_lite.failures import TrainingError
-from popo_lite.rewards import score
-from popo_lite.siamese import adapter_pairs
-from popo_lite.trainer import prepare, run
+import popo_lite.core.updates as updates_module
+import popo_lite.training.checkpoint as checkpoint_module
+from popo_lite.core.rewards import score
+from popo_lite.core.siamese import adapter_pairs
+from popo_lite.training.checkpoint import latest_checkpoint
+from popo_lite.training.failures import TrainingError
+from popo_lite.training.trainer import prepare, run
 
 TIMING = ("seconds", "tokens_per_s", "peak_memory")
 

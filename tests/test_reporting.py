@@ -8,10 +8,10 @@ import types
 
 import pytest
 
-from popo_lite import trainer
 from popo_lite.config import ConfigError, load_config
-from popo_lite.reporting import Reporter, scalars
-from popo_lite.trainer import train
+from popo_lite.training import trainer
+from popo_lite.training.reporting import Reporter, scalars
+from popo_lite.training.trainer import train
 
 
 def test_tensorboard_events_hold_each_numeric_field_of_the_step_record(tiny_config):

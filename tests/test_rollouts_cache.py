@@ -10,9 +10,9 @@ import torch
 from conftest import live_policy
 
 from popo_lite.config import ConfigError
-from popo_lite.model import load_policy
-from popo_lite.rollouts import _compilable, generate_rollouts
-from popo_lite.trainer import train
+from popo_lite.engine.choose import load_policy
+from popo_lite.engine.rollouts import _compilable, generate_rollouts
+from popo_lite.training.trainer import train
 
 PROMPTS = ["7", "12345678", "904"]  # different lengths: left padding in every batch
 
@@ -140,7 +140,7 @@ def test_trainer_generates_with_the_configured_cache(tiny_config):
     class Stop(Exception):
         pass
 
-    with mock.patch("popo_lite.trainer.generate_rollouts", side_effect=Stop) as generate:
+    with mock.patch("popo_lite.training.trainer.generate_rollouts", side_effect=Stop) as generate:
         with pytest.raises(Stop):
             next(train(tiny_config(generation_cache="static", steps=1)))
     assert generate.call_args.kwargs["cache"] == "static"

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from popo_lite import jobs
-from popo_lite.runs import (
+from popo_lite.panel import jobs
+from popo_lite.training import job_slot
+from popo_lite.training.runs import (
     RunsError,
     check_name,
     group_rollouts,
@@ -42,7 +43,7 @@ def _make_run(root: Path, name: str, steps: int = 3, device: str = "cpu") -> Pat
 def _wait_dead(pid: int, seconds: float = 10.0) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if not jobs._alive(pid, "popo_lite."):
+        if not job_slot.alive(pid, "popo_lite."):
             return True
         time.sleep(0.05)
     return False
@@ -142,7 +143,7 @@ def test_job_runs_in_its_own_session_and_survives_its_launcher(tmp_path):
     _make_run(root, "detached")
     log = root / "detached" / "x.log"
     launcher = (
-        "from pathlib import Path; from popo_lite import jobs; "
+        "from pathlib import Path; from popo_lite.panel import jobs; "
         "job = {'run': 'detached', 'kind': 'training', 'module': 'popo_lite.train'}; "
         f"print(jobs._spawn(Path({str(root)!r}), 'cpu', job, {SLEEPER!r}, Path({str(log)!r})))"
     )
@@ -216,7 +217,7 @@ def test_evaluation_refuses_paths_and_names_outside_the_run(tmp_path):
 
 
 def test_rollout_view_escapes_model_output_and_colours_tokens_when_logged(tmp_path):
-    from popo_lite.views import render_rollouts
+    from popo_lite.panel.views import render_rollouts
 
     records = [
         {"step": 1, "group": 0, "prompt": "<b>q</b>", "completion": "<script>alert(1)</script>",
@@ -246,7 +247,7 @@ def test_evaluation_state_comes_from_its_table_and_log(tmp_path):
 
 
 def test_plot_frames_overlay_runs_and_pick_up_every_eval_benchmark(tmp_path):
-    from popo_lite.views import PLOTS, plot_frame
+    from popo_lite.panel.views import PLOTS, plot_frame
 
     root = tmp_path / "runs"
     for name in ("a", "b"):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from popo_lite.model import EMA, POLICY, ModelError, load_policy
-from popo_lite.siamese import Predictor, adapter_pairs, ema_forward, ema_reset, ema_update
+from popo_lite.core.siamese import EMA, POLICY, Predictor, adapter_pairs, ema_forward, ema_reset, ema_update
+from popo_lite.engine.choose import load_policy
+from popo_lite.engine.model import ModelError
 
 
 @pytest.fixture

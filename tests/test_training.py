@@ -10,9 +10,8 @@ import pytest
 import torch
 from peft.utils import load_peft_weights
 
-from popo_lite.model import EMA, POLICY
-from popo_lite.siamese import adapter_pairs
-from popo_lite.trainer import prepare, run, train
+from popo_lite.core.siamese import EMA, POLICY, adapter_pairs
+from popo_lite.training.trainer import prepare, run, train
 
 
 def _base_state(model) -> dict[str, torch.Tensor]:

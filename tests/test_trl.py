@@ -15,9 +15,9 @@ from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from popo_lite.objectives import popo_loss, popo_weights
-from popo_lite.rewards import math_reward
-from popo_lite.siamese import ema_forward
+from popo_lite.core.objectives import popo_loss, popo_weights
+from popo_lite.core.rewards import math_reward
+from popo_lite.core.siamese import ema_forward
 from popo_lite.trl import POPOConfig, POPOTrainer
 
 GROUP = 4

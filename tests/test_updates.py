@@ -1,16 +1,16 @@
-"""Positive packing and weights from the loss forward (popo_lite.updates), against the plain path."""
+"""Positive packing and weights from the loss forward (popo_lite.core.updates), against the plain path."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from popo_lite import updates
 from popo_lite.config import ConfigError
-from popo_lite.model import load_policy
-from popo_lite.rollouts import generate_rollouts
-from popo_lite.siamese import Predictor, ema_reset
-from popo_lite.updates import pack_positive_groups, popo_update
+from popo_lite.core import updates
+from popo_lite.core.siamese import Predictor, ema_reset
+from popo_lite.core.updates import pack_positive_groups, popo_update
+from popo_lite.engine.choose import load_policy
+from popo_lite.engine.rollouts import generate_rollouts
 
 # 3 prompts x 4 rollouts: group 0 has 3 positives, group 1 none, group 2 all four.
 REWARDS = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])

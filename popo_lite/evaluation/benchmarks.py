@@ -28,10 +28,10 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from popo_lite.data import BUNDLED, EVAL_BENCHMARKS, TEMPLATES, Problem, format_prompt, load_problems
-from popo_lite.passk import summarise
-from popo_lite.rewards import score
-from popo_lite.rollouts import Rollouts, eos_ids, generate_rollouts
+from popo_lite.core.rewards import score
+from popo_lite.data.problems import BUNDLED, EVAL_BENCHMARKS, TEMPLATES, Problem, format_prompt, load_problems
+from popo_lite.engine.rollouts import Rollouts, eos_ids, generate_rollouts
+from popo_lite.evaluation.passk import summarise
 
 logger = logging.getLogger(__name__)
 DEFAULT_KS = (1, 2, 4, 8, 16, 32, 64, 128)  # reported where k <= n

@@ -10,9 +10,9 @@ import resource
 
 import torch
 
-from popo_lite.benchmarks import EvalSettings, evaluate_problems
-from popo_lite.checkpoint import checkpoint_name
 from popo_lite.config import Config
+from popo_lite.evaluation.benchmarks import EvalSettings, evaluate_problems
+from popo_lite.training.checkpoint import checkpoint_name
 
 
 def peak_memory_gib(device: torch.device) -> tuple[float, str]:

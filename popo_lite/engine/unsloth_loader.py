@@ -23,7 +23,7 @@ from contextlib import contextmanager
 import torch
 
 from popo_lite.config import Config, ConfigError
-from popo_lite.model import (
+from popo_lite.engine.model import (
     POLICY,
     finish_adapters,
     keep_nf4_layers_trainable,

@@ -17,8 +17,18 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from popo_lite import jobs
-from popo_lite.runs import (
+from popo_lite.panel import jobs
+from popo_lite.panel.views import (
+    CSS,
+    FORM,
+    MODELS,
+    PLOTS,
+    form_values,
+    plot_frame,
+    render_progress,
+    render_rollouts,
+)
+from popo_lite.training.runs import (
     FILTERS,
     RunsError,
     check_name,
@@ -31,16 +41,6 @@ from popo_lite.runs import (
     resolve_inside,
     rollout_steps,
     run_path,
-)
-from popo_lite.views import (
-    CSS,
-    FORM,
-    MODELS,
-    PLOTS,
-    form_values,
-    plot_frame,
-    render_progress,
-    render_rollouts,
 )
 
 __all__ = ["CSS", "build_panel"]

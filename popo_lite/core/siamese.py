@@ -13,7 +13,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from popo_lite.model import EMA, POLICY
+POLICY = "policy"  # the trained LoRA adapter
+EMA = "ema"  # the siamese branch: an EMA copy of the policy adapter on the same base
 
 
 def adapter_pairs(model: nn.Module, policy: str = POLICY) -> list[tuple[torch.Tensor, torch.Tensor]]:

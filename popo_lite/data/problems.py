@@ -3,7 +3,7 @@
 Why the care over gold answers: the reward is binary math-verify equality, so every benchmark's own
 answer format (GSM8K's `#### 72`, AIME 2024's `"025"`, AMC's `27.0`, OlympiadBench's `["$x$"]`, MATH's
 last `\\boxed{}`) must be normalised once, here, or correct rollouts score 0. The bundled files live in
-`popo_lite/datasets/` (sources, licenses and checksums in its SOURCES.md) and load lazily, per set.
+`popo_lite/data/bundled/` (sources, licenses and checksums in its SOURCES.md) and load lazily, per set.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from popo_lite.rewards import last_boxed
+from popo_lite.core.rewards import last_boxed
 
 logger = logging.getLogger(__name__)
-DATA_DIR = Path(__file__).parent / "datasets"
+DATA_DIR = Path(__file__).parent / "bundled"
 
 
 class DataError(ValueError):

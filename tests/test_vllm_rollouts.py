@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from popo_lite.config import ConfigError
-from popo_lite.trainer import train
+from popo_lite.training.trainer import train
 
 EOS, FIRST_DIGIT = 1, 3  # the test tokenizer: <pad> 0, <eos> 1, <unk> 2, digits 3..12
 

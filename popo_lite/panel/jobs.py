@@ -8,10 +8,8 @@ Why it is shaped as it is:
 2. A new run is created here (config.yaml written) and started as `popo_lite.train --resume`: the
    trainer finds no checkpoint and starts at step 0, and the log lives in the run directory from its
    first byte (a plain start refuses a run directory that already holds a file).
-3. One job per GPU: an exclusive lock file `<root>/.active-<slot>.json` holding the pid, taken with
-   O_EXCL. A lock whose process is gone (ended, crashed, machine rebooted) is stale: the next look
-   clears it, so nothing has to be watching when a job ends. `python -m popo_lite.train` takes the same
-   lock for its own pid (`holding_slot`), so a terminal run and a panel run never share a GPU.
+3. One job per GPU: each job holds its accelerator's lock (`training/job_slot.py`) while it lives;
+   `python -m popo_lite.train` takes the same lock, so a terminal run and a panel run never share a GPU.
 """
 
 from __future__ import annotations
@@ -24,100 +22,27 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from popo_lite.config import Config, ConfigError, load_config
-from popo_lite.runs import RunsError, check_name, read_config, read_jsonl, resolve_inside, run_path
+from popo_lite.training.job_slot import (
+    CHILDREN,
+    PANEL_JOB_ENV,
+    active_job,
+    alive,
+    busy_message,
+    claim,
+    lock_path,
+    slot_of,
+)
+from popo_lite.training.runs import RunsError, check_name, read_config, read_jsonl, resolve_inside, run_path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 LOG_NAME = "train.log"
 STOPPED_LINE = "[panel] stopped by the user"
-PANEL_JOB_ENV = "POPO_LITE_PANEL_JOB"  # set in a panel job's environment: the panel holds its slot
-
-_CHILDREN: dict[int, subprocess.Popen] = {}  # our own children, polled so that they never linger as zombies
-
-
-def slot_of(device: str) -> str:
-    """The accelerator a run's `device` setting occupies: 'auto' and 'cuda' mean GPU 0."""
-    if device in ("auto", "cuda"):
-        return "gpu0"
-    if str(device).startswith("cuda:"):
-        return "gpu" + str(device).split(":", 1)[1]
-    return "cpu"
-
-
-def _alive(pid: int, module: str) -> bool:
-    """Is `pid` a live (not zombie) process running `module`? The module check guards a recycled pid."""
-    child = _CHILDREN.get(pid)
-    if child is not None:
-        if child.poll() is None:
-            return True
-        del _CHILDREN[pid]  # reaped now, so it does not linger as a zombie
-        return False
-    if not Path("/proc/self").is_dir():  # no procfs: existence is all we can tell
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
-        return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        command = Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace")
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X") and module in command
-
-
-def _lock_path(root: Path, slot: str) -> Path:
-    return Path(root) / f".active-{slot}.json"
-
-
-def active_job(root: str | Path, slot: str) -> dict | None:
-    """The live job holding `slot` ({run, kind, pid, module, started}), clearing a stale lock."""
-    path = _lock_path(Path(root), slot)
-    try:
-        job = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        job = {"started": path.stat().st_mtime if path.exists() else 0}  # being written: judge by age
-    pid = job.get("pid")
-    starting = pid is None and time.time() - float(job.get("started", 0)) < 60
-    if starting or (pid is not None and _alive(int(pid), job.get("module", "popo_lite."))):
-        return job
-    path.unlink(missing_ok=True)
-    return None
-
-
-def busy_message(slot: str, job: dict) -> str:
-    return (
-        f"{slot} is busy: {job.get('kind', 'a job')} of run {job.get('run')!r} (pid {job.get('pid')}) is "
-        "active. Stop it or wait for it to end: one job per GPU at a time."
-    )
-
-
-def _claim(root: Path, slot: str, job: dict) -> Path:
-    """Take `slot` atomically (O_EXCL), or raise RunsError naming the job that holds it."""
-    path = _lock_path(root, slot)
-    for _ in range(2):  # the second try follows the clearing of a stale lock
-        try:
-            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = active_job(root, slot)
-            if holder is not None:
-                raise RunsError(busy_message(slot, holder)) from None
-            continue
-        with os.fdopen(descriptor, "w") as handle:
-            json.dump(job, handle)
-        return path
-    raise RunsError(f"could not take the lock {path.name}; try again")
 
 
 def _child_env() -> dict[str, str]:
@@ -140,7 +65,7 @@ def _config_values(config_text: str) -> dict:
 
 def _spawn(root: Path, slot: str, job: dict, command: list[str], log: Path) -> int:
     """Start `command` detached, output to `log`, holding `slot` for as long as it lives."""
-    lock = _claim(root, slot, {**job, "pid": None, "started": time.time()})
+    lock = claim(root, slot, {**job, "pid": None, "started": time.time()})
     try:
         env = {**_child_env(), "PYTHONUNBUFFERED": "1", PANEL_JOB_ENV: slot}
         with open(log, "ab") as output:
@@ -155,28 +80,9 @@ def _spawn(root: Path, slot: str, job: dict, command: list[str], log: Path) -> i
     except BaseException:
         lock.unlink(missing_ok=True)
         raise
-    _CHILDREN[child.pid] = child
+    CHILDREN[child.pid] = child
     lock.write_text(json.dumps({**job, "pid": child.pid, "started": time.time()}))
     return child.pid
-
-
-@contextmanager
-def holding_slot(root: str | Path, slot: str, run: str) -> Iterator[None]:
-    """Hold `slot` for a command-line training run while it lives (RunsError when another job has it).
-
-    A job the panel started already holds its slot for this process: nothing to take then.
-    """
-    if os.environ.get(PANEL_JOB_ENV) == slot:
-        yield
-        return
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    job = {"run": run, "kind": "training", "module": "popo_lite.train", "origin": "command line"}
-    path = _claim(root, slot, {**job, "pid": os.getpid(), "started": time.time()})
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
 
 
 def plan_memory(config_text: str, overrides: dict, gpu_gib: float) -> str:
@@ -241,11 +147,11 @@ def stop_run(root: str | Path, name: str, grace_s: float = 10.0) -> str:
     pid = int(job["pid"])
     os.killpg(pid, signal.SIGTERM)  # the group: the math-verify helper goes too
     deadline = time.monotonic() + grace_s
-    while _alive(pid, job.get("module", "popo_lite.")) and time.monotonic() < deadline:
+    while alive(pid, job.get("module", "popo_lite.")) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if _alive(pid, job.get("module", "popo_lite.")):
+    if alive(pid, job.get("module", "popo_lite.")):
         os.killpg(pid, signal.SIGKILL)
-    _lock_path(root, slot).unlink(missing_ok=True)
+    lock_path(root, slot).unlink(missing_ok=True)
     log = resolve_inside(root, name, *Path(job.get("log", LOG_NAME)).parts)
     with open(log, "a") as handle:
         handle.write(f"\n{STOPPED_LINE} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
@@ -394,10 +300,3 @@ def _tail(path: Path, characters: int) -> str:
             return handle.read().decode("utf-8", "replace")
     except OSError:
         return ""
-
-
-def active_jobs(root: str | Path) -> list[dict]:
-    """Every live job started from the panel under `root`, each with its `slot`."""
-    base = Path(root)
-    slots = sorted(p.name[len(".active-") : -len(".json")] for p in base.glob(".active-*.json"))
-    return [{**job, "slot": slot} for slot in slots if (job := active_job(base, slot)) is not None]

@@ -4,7 +4,7 @@ Each function runs forwards, calls the pure objective of `objectives.py` on each
 accumulates gradients (loss / number of micro-batches); the optimizer step and the EMA update are
 the trainer's. Rows are grouped: rows i*G .. i*G + G - 1 share prompt i.
 
-Gradient forwards go through a `distributed.Scorer` (the policy + predictor as one module). Under
+Gradient forwards go through a `distributed.PolicyForward` (the policy + predictor as one module). Under
 `accelerate launch` it is the DDP-wrapped one (`replicas.scorer`): then every process runs every
 micro-batch's backward (a micro-batch with no positive gives a connected zero loss instead of being
 skipped) and gradients are all-reduced on the last one only.
@@ -18,11 +18,12 @@ from contextlib import nullcontext
 import torch
 
 from popo_lite.config import Config
-from popo_lite.distributed import Replicas, Scorer
-from popo_lite.logprobs import CompletionStats, completion_stats
-from popo_lite.objectives import grpo_advantages, grpo_loss, kl_k3, popo_loss, popo_weights
-from popo_lite.rollouts import Rollouts
-from popo_lite.siamese import Predictor, ema_forward
+from popo_lite.core.logprobs import CompletionStats, completion_stats
+from popo_lite.core.objectives import grpo_advantages, grpo_loss, kl_k3, popo_loss, popo_weights
+from popo_lite.core.policy_forward import PolicyForward
+from popo_lite.core.siamese import Predictor, ema_forward
+from popo_lite.engine.rollouts import Rollouts
+from popo_lite.training.distributed import Replicas
 
 
 class NonFiniteLoss(RuntimeError):
@@ -98,8 +99,8 @@ def _sequence_scores(token_logprobs: torch.Tensor, mask: torch.Tensor) -> tuple[
     return summed / mask.sum(1).clamp(min=1), summed
 
 
-def _scorer(model, predictor: Predictor | None, replicas: Replicas | None) -> Scorer:
-    return replicas.scorer if replicas is not None else Scorer(model, predictor)
+def _scorer(model, predictor: Predictor | None, replicas: Replicas | None) -> PolicyForward:
+    return replicas.scorer if replicas is not None else PolicyForward(model, predictor)
 
 
 def _forward(scorer, rollouts: Rollouts, rows: torch.Tensor, config: Config, **flags) -> tuple:

@@ -14,9 +14,9 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from popo_lite import jobs
 from popo_lite.config import Config
-from popo_lite.runs import RunsError, group_rollouts, read_jsonl, run_path
+from popo_lite.panel import jobs
+from popo_lite.training.runs import RunsError, group_rollouts, read_jsonl, run_path
 
 # The Launch form: the main knobs; the YAML editor holds everything else.
 FORM = tuple(

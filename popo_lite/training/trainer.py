@@ -14,32 +14,32 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from popo_lite.benchmarks import load_benchmarks
-from popo_lite.checkpoint import (
+from popo_lite.config import Config, ConfigError
+from popo_lite.core.policy_forward import PolicyForward
+from popo_lite.core.rewards import score
+from popo_lite.core.siamese import EMA, POLICY, Predictor, ema_reset, ema_update
+from popo_lite.core.updates import NonFiniteLoss, grpo_update, kl_policy_ema, popo_update
+from popo_lite.data.problems import Problem, format_prompt, load_problems
+from popo_lite.engine.choose import load_policy, rollout_engine
+from popo_lite.engine.rollouts import Rollouts
+from popo_lite.evaluation.benchmarks import load_benchmarks
+from popo_lite.training.checkpoint import (
     checkpoint_name,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
-from popo_lite.config import Config, ConfigError
-from popo_lite.data import Problem, format_prompt, load_problems
-from popo_lite.distributed import Replicas, Scorer
-from popo_lite.distributed import start as start_replicas
-from popo_lite.failures import TrainingError, out_of_memory_advice
-from popo_lite.model import EMA, POLICY, load_policy
-from popo_lite.records import evaluate_during_training, peak_memory_gib, step_statistics
-from popo_lite.reporting import Reporter, check_reporters
-from popo_lite.rewards import score
-from popo_lite.rollouts import Rollouts, generate_rollouts
-from popo_lite.run_files import run_directory, truncate_jsonl, write_rollouts
-from popo_lite.siamese import Predictor, ema_reset, ema_update
-from popo_lite.updates import NonFiniteLoss, grpo_update, kl_policy_ema, popo_update
+from popo_lite.training.distributed import Replicas
+from popo_lite.training.distributed import start as start_replicas
+from popo_lite.training.failures import TrainingError, out_of_memory_advice
+from popo_lite.training.records import evaluate_during_training, peak_memory_gib, step_statistics
+from popo_lite.training.reporting import Reporter, check_reporters
+from popo_lite.training.run_files import run_directory, truncate_jsonl, write_rollouts
 
 
 class PromptSampler:
@@ -168,7 +168,7 @@ def prepare(config: Config, resume: bool = False) -> Session:
     if config.algo == "popo":
         predictor = Predictor(model.get_base_model().config.hidden_size, config.predictor_dim).to(device)
     if replicas is not None:  # DDP broadcasts the main process's policy and predictor here
-        replicas.wrap(Scorer(model, predictor if config.alpha > 0 else None))
+        replicas.wrap(PolicyForward(model, predictor if config.alpha > 0 else None))
     ema_reset(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     trainable += list(predictor.parameters()) if predictor is not None else []
@@ -199,20 +199,6 @@ def prepare(config: Config, resume: bool = False) -> Session:
         for name in ("metrics.jsonl", "rollouts.jsonl"):
             truncate_jsonl(run_dir / name, session.step)
     return session
-
-
-def rollout_engine(config: Config, run_dir: Path, rank: int) -> Callable[..., Rollouts]:
-    """`generate_rollouts` with the config's batch size and cache, or the optional vLLM engine."""
-    if config.generation_backend == "vllm":
-        from popo_lite.vllm_backend import VLLMRollouts
-
-        return VLLMRollouts(config, run_dir / "vllm_adapter" / f"process-{rank}")
-    return partial(
-        generate_rollouts,
-        batch_size=config.generation_batch_size,
-        cache=config.generation_cache,
-        prefill_chunk_size=config.prefill_chunk_size,
-    )
 
 
 def train(config: Config, resume: bool = False) -> Iterator[dict]:

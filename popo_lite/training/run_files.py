@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from popo_lite.config import Config, ConfigError
-from popo_lite.data import Problem
-from popo_lite.rollouts import Rollouts
+from popo_lite.data.problems import Problem
+from popo_lite.engine.rollouts import Rollouts
 
 
 def run_directory(config: Config, resume: bool) -> Path:

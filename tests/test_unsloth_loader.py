@@ -18,11 +18,12 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from popo_lite import unsloth_backend
 from popo_lite.config import ConfigError
-from popo_lite.model import EMA, POLICY, load_policy
+from popo_lite.core.siamese import EMA, POLICY
+from popo_lite.engine import unsloth_loader
+from popo_lite.engine.choose import load_policy
 from popo_lite.train import main
-from popo_lite.trainer import prepare, run, train
+from popo_lite.training.trainer import prepare, run, train
 
 
 class FakeFastLanguageModel:
@@ -79,7 +80,7 @@ def fake_unsloth(monkeypatch):
     module = types.ModuleType("unsloth")
     module.FastLanguageModel = FakeFastLanguageModel
     monkeypatch.setitem(sys.modules, "unsloth", module)
-    monkeypatch.setattr(unsloth_backend, "require_cuda", lambda device: None)  # the stand-in runs on CPU
+    monkeypatch.setattr(unsloth_loader, "require_cuda", lambda device: None)  # the stand-in runs on CPU
     FakeFastLanguageModel.calls, FakeFastLanguageModel.models = [], []
     return FakeFastLanguageModel
 
@@ -91,7 +92,7 @@ def test_unsloth_loader_passes_the_config_and_replaces_its_adapter(fake_unsloth,
     assert loaded["max_seq_length"] == config.max_prompt_tokens + 3 and loaded["load_in_4bit"] is True
     assert loaded["dtype"] == torch.float32  # CPU: resolve_dtype's choice
     assert peft["r"] == 4 and peft["lora_alpha"] == 8 and peft["random_state"] == 5
-    assert peft["target_modules"] == unsloth_backend.ALL_LINEAR and peft["bias"] == "none"
+    assert peft["target_modules"] == unsloth_loader.ALL_LINEAR and peft["bias"] == "none"
     assert peft["use_gradient_checkpointing"] == "unsloth"
     assert tokenizer != "unsloth's tokenizer" and tokenizer.padding_side == "left"  # popo_lite's own
     assert set(model.peft_config) == {POLICY, EMA} and model.active_adapter == POLICY
@@ -100,7 +101,7 @@ def test_unsloth_loader_passes_the_config_and_replaces_its_adapter(fake_unsloth,
     assert all(p.dtype == torch.float32 for p in lora.values())
     assert all(p.requires_grad == (f".{POLICY}." in name) for name, p in lora.items())
     targets = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in lora}
-    assert targets == set(unsloth_backend.ALL_LINEAR)
+    assert targets == set(unsloth_loader.ALL_LINEAR)
     assert type(model.get_base_model().model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
 
 
@@ -133,7 +134,7 @@ def test_unsloth_loader_says_what_it_needs(monkeypatch, tiny_config, tiny_cli_ar
     command = [*tiny_cli_args, "--model_loader", "unsloth", "--device", "cpu", "--output_dir", str(tmp_path)]
     assert main(command) == 2
     assert "model_loader: unsloth needs a CUDA GPU" in capsys.readouterr().err
-    monkeypatch.setattr(unsloth_backend, "require_cuda", lambda device: None)
+    monkeypatch.setattr(unsloth_loader, "require_cuda", lambda device: None)
     monkeypatch.setitem(sys.modules, "unsloth", None)  # not installed
     with pytest.raises(ConfigError, match="pip install unsloth"):
         load_policy(tiny_config(model_loader="unsloth", device="cpu"))

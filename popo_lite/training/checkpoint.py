@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from peft.utils import load_peft_weights, set_peft_model_state_dict
 
-from popo_lite.model import EMA, POLICY
+from popo_lite.core.siamese import EMA, POLICY
 
 MARKER = "COMPLETE"
 

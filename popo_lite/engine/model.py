@@ -2,7 +2,7 @@
 
 The policy is the LoRA adapter "policy"; the siamese branch is a second adapter "ema" on the SAME
 base (see siamese.py). The base is never copied: with `--qlora` it is loaded once in NF4.
-`model_loader: unsloth` loads through Unsloth instead (unsloth_backend.py), with the same two adapters.
+`engine/choose.py` picks this loader or Unsloth's (`engine/unsloth_loader.py`, the same two adapters).
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from popo_lite.config import EMBEDDED_MODEL, Config
+from popo_lite.core.siamese import EMA, POLICY
 
-POLICY = "policy"
-EMA = "ema"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -189,19 +188,6 @@ def keep_nf4_layers_trainable(model) -> int:
                 weight.data, weight.quant_state
             )
     return len(layers)
-
-
-def load_policy(config: Config, check_tokenizer=None) -> tuple[PeftModel, object, torch.device]:
-    """The base (`load_base`, or Unsloth's loader) with the "policy" and "ema" LoRA adapters on it.
-
-    Returns (model, tokenizer, device).
-    """
-    if config.model_loader == "unsloth":
-        from popo_lite import unsloth_backend
-
-        return unsloth_backend.load_policy(config, check_tokenizer)
-    base, tokenizer, device = load_base(config, check_tokenizer)
-    return attach_adapters(base, config), tokenizer, device
 
 
 def attach_adapters(base, config: Config) -> PeftModel:

@@ -6,7 +6,8 @@ popo_lite adds is only what keeps POPO exact across processes:
 - each step's prompts are drawn from ONE sampler (the same on every process) and split by prompt, so a
   group's G rollouts live on one process and its weights (normalised within the group) are the ones a
   single process would compute;
-- the gradient forward goes through `Scorer`, the one module DDP wraps (policy scoring + predictor),
+- the gradient forward goes through `core.policy_forward.PolicyForward` (policy log-probs + predictor),
+  the one module DDP wraps,
   and every process runs the same number of micro-batch backwards, all but the last under `no_sync`;
 - DDP hands every process the same averaged gradient, so the optimizer step, and with it the EMA
   adapter (an fp32 average of the policy's weights), stay identical on every process without any sync;
@@ -27,43 +28,7 @@ import torch
 from torch import nn
 
 from popo_lite.config import Config, check_split
-from popo_lite.logprobs import completion_stats
-
-
-class Scorer(nn.Module):
-    """The trainable forward as one module: completion log-probs (+ entropy, features) under the policy,
-    and the predictor on the features. DDP wraps this, so its gradient hooks see the chunked forward."""
-
-    def __init__(self, model: nn.Module, predictor: nn.Module | None = None) -> None:
-        super().__init__()
-        self.model = model
-        self.predictor = predictor
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        prompt_width: int,
-        completion_mask: torch.Tensor,
-        temperature: float,
-        with_entropy: bool = False,
-        with_features: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """(log-probs (N, T), entropy (N, T) or None, features (N, H) or None, predicted (N, H) or None)."""
-        stats = completion_stats(
-            self.model,
-            input_ids,
-            attention_mask,
-            prompt_width,
-            completion_mask,
-            temperature,
-            with_entropy=with_entropy,
-            with_features=with_features,
-        )
-        predicted = None
-        if with_features and self.predictor is not None:
-            predicted = self.predictor(stats.features)
-        return stats.logprobs, stats.entropy, stats.features, predicted
+from popo_lite.core.policy_forward import PolicyForward
 
 
 def shard(items: list, rank: int, world: int) -> list:
@@ -99,7 +64,7 @@ class Replicas:
         self.scorer: nn.Module | None = None
         check_split(config.prompts_per_step, self.world)
 
-    def wrap(self, scorer: Scorer) -> None:
+    def wrap(self, scorer: PolicyForward) -> None:
         """Hand the scorer to accelerate (DDP). Frozen tensors (the base, the EMA adapter) stay out of DDP:
         every process loads the same base, and the EMA is re-copied from the broadcast policy after this."""
         from torch.nn.parallel import DistributedDataParallel

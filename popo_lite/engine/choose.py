@@ -1,0 +1,50 @@
+"""The one place that chooses the engines: the model loader and the rollout generator, from the config.
+
+Everything that loads a policy for training (the trainer, benchmarks, tests) or samples rollouts calls
+these two functions; the engines themselves do not know of each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from popo_lite.config import Config
+from popo_lite.engine.model import attach_adapters, load_base
+from popo_lite.engine.rollouts import Rollouts, generate_rollouts
+
+
+def load_policy(config: Config, check_tokenizer=None) -> tuple[PeftModel, object, torch.device]:
+    """The frozen base with the "policy" and "ema" LoRA adapters: (model, tokenizer, device).
+
+    `model_loader: hf` loads with transformers (`engine/model.py`); `unsloth` with Unsloth's
+    FastLanguageModel (`engine/unsloth_loader.py`, CUDA only). `check_tokenizer(tokenizer)` runs before
+    the weights load.
+    """
+    if config.model_loader == "unsloth":
+        from popo_lite.engine import unsloth_loader
+
+        return unsloth_loader.load_policy(config, check_tokenizer)
+    base, tokenizer, device = load_base(config, check_tokenizer)
+    return attach_adapters(base, config), tokenizer, device
+
+
+def rollout_engine(config: Config, run_dir: Path, rank: int = 0) -> Callable[..., Rollouts]:
+    """`generate_rollouts` with the config's batch size and cache, or the optional vLLM engine.
+
+    The vLLM engine writes the policy adapter it is handed under `run_dir/vllm_adapter/process-<rank>`.
+    """
+    if config.generation_backend == "vllm":
+        from popo_lite.engine.vllm_rollouts import VLLMRollouts
+
+        return VLLMRollouts(config, run_dir / "vllm_adapter" / f"process-{rank}")
+    return partial(
+        generate_rollouts,
+        batch_size=config.generation_batch_size,
+        cache=config.generation_cache,
+        prefill_chunk_size=config.prefill_chunk_size,
+    )
