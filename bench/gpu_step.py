@@ -7,7 +7,8 @@
 Answers "does a 7B QLoRA POPO step fit a 16 GiB card, and what does each phase cost?" without a download.
 How it differs from a real training step:
 1. Random weights of the real Qwen2.5 sizes, built on the GPU in bf16, then every decoder nn.Linear is
-   swapped for a bitsandbytes NF4 `Linear4bit` with double quantisation (MEASURED.md section 1).
+   swapped for a bitsandbytes NF4 `Linear4bit` with double quantisation (the build measured in
+   docs/measurements.md section 1.1).
    Embeddings and lm_head stay bf16, as `from_pretrained(..., load_in_4bit=True)` leaves them.
 2. A word-level tokenizer over the model's vocabulary stands in for Qwen's; prompts are random tokens.
 3. EOS is suppressed (generation_config.suppress_tokens): every completion is max_new_tokens long.
@@ -224,7 +225,7 @@ def train_step(
     predictor: Predictor | None = None,
     generator: torch.Generator | None = None,
 ) -> None:
-    """One optimizer step as the trainer takes it (trainer.update_policy minus schedule and NaN skip)."""
+    """One optimizer step as the trainer takes it (`trainer.gradients` + `optimizer_step`, no NaN skip)."""
     if predictor is not None:
         popo_update(model, predictor, rollouts, rewards, config, generator)
     else:

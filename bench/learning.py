@@ -6,7 +6,7 @@
 For each algorithm and seed the same config is trained (the embedded SmolLM2-135M-Instruct on 2-digit
 + 1-digit additions, 8 prompts x 8 rollouts per step: the same rollout budget for both), then scored
 greedily on held-out additions that share no (a, b) pair with training. It also tracks the
-implicit-negative diagnostic of POPO_SPEC.md section 5: the mean token log-probability, under the
+implicit-negative diagnostic of docs/algorithm.md section 5.3: the mean token log-probability, under the
 policy, of a fixed set of held-out NEGATIVE rollouts (wrong answers sampled once from the base
 model), which POPO never trains on. Writes bench/results/learning.{json,md}; prints the table.
 """
@@ -33,7 +33,7 @@ from popo_lite.core.updates import sequence_logprobs  # noqa: E402
 from popo_lite.data.problems import format_prompt, load_problems  # noqa: E402
 from popo_lite.engine.rollouts import Rollouts, generate_rollouts  # noqa: E402
 from popo_lite.evaluation.benchmarks import EvalSettings, evaluate_problems  # noqa: E402
-from popo_lite.training.trainer import prepare, run, score_rollouts  # noqa: E402
+from popo_lite.training.trainer import prepare, reward, run  # noqa: E402
 
 
 def held_out_accuracy(session, problems, max_new_tokens: int) -> float:
@@ -56,13 +56,15 @@ def sample_negatives(session, problems, count: int) -> tuple[Rollouts, torch.Ten
         config.top_p,
         config.max_prompt_tokens,
     )
-    rewards, _ = score_rollouts(rollouts, problems)
+    rewards, _ = reward(rollouts, problems)
     negative_rows = (rewards.flatten() == 0).nonzero().flatten()[:count]
     return rollouts, negative_rows
 
 
 def negative_logprob(session, negatives: tuple[Rollouts, torch.Tensor]) -> float:
-    means, _, _ = sequence_logprobs(session.model, negatives[0], negatives[1], session.config)
+    means, _, _ = sequence_logprobs(
+        session.model, negatives[0], negatives[1], session.config.micro_batch_size, session.config.temperature
+    )
     return float(means.mean())
 
 

@@ -3,7 +3,7 @@
 Every field carries its help text where it is declared (`field(metadata={"help": ...})`); the CLI's
 `--help` is generated from it. `Config.__post_init__` rejects bad values with a message naming the
 field, and `load_config` rejects unknown YAML keys by name. Defaults are the POPO reference
-hyperparameters (POPO_SPEC.md section 3) for the algorithm's own knobs; the SIZES (model, data, batch,
+hyperparameters (docs/algorithm.md section 3.1) for the algorithm's own knobs; the SIZES (model, data, batch,
 lengths, steps, learning rate) default to the embedded CPU run, so that `python -m popo_lite.train`
 with no argument works offline on any machine. `configs/` holds the paper-sized recipes.
 """
@@ -66,8 +66,8 @@ class Config:
     model_loader: str = _f(
         "hf",
         "How the base and adapters load: hf = transformers + bitsandbytes + peft; unsloth = Unsloth's "
-        "FastLanguageModel (fused LoRA kernels, offloaded checkpointing; optional: needs Unsloth and CUDA, "
-        "not run by our CI; rollouts with Unsloth's generation, hf backend and dynamic cache only).",
+        "FastLanguageModel with its fused LoRA kernels (needs Unsloth and CUDA; generation_backend hf and "
+        "generation_cache dynamic only).",
         ("hf", "unsloth"),
     )
 
@@ -93,34 +93,30 @@ class Config:
     rollouts_per_prompt: int = _f(8, "G: completions sampled per prompt (the group).")
     max_new_tokens: int = _f(32, "Longest completion, in tokens.")
     temperature: float = _f(
-        0.7, "Sampling temperature (the reference uses 1.0); log-probs in the loss use logits / temperature."
+        0.7, "Sampling temperature of the rollouts; log-probs in the loss use logits / temperature."
     )
     top_p: float = _f(1.0, "Nucleus sampling threshold (1.0 = off, as the reference).")
     generation_batch_size: int | None = _f(
         None,
-        "Completions generated at once (None = all B x G together). Smaller batches go by prompt length, "
-        "each cut to its longest prompt (dynamic cache).",
+        "Completions generated at once (None = all B x G together); smaller batches are formed by prompt "
+        "length, each cut to its own longest prompt.",
     )
     generation_cache: str = _f(
         "dynamic",
-        "KV cache of rollout generation: dynamic = Hugging Face's default growing cache, eager; static = HF "
-        "static KV cache + torch.compile of the decoding forward (CUDA only; on CPU the static cache runs "
-        "uncompiled). Static helps on CUDA at a fixed batch, one compile per shape (MEASURED.md section 1: "
-        "1.6x at batch 64 on an H100, 57 s first compile); paged = transformers' continuous batching "
-        "(generate_batch: paged cache shared by a group's samples, finished rows leave the batch; CUDA "
-        "graphs on a GPU; not yet measured on one).",
+        "KV cache of rollout generation: dynamic = Hugging Face's growing cache; static = a fixed-size cache "
+        "with the decoding step compiled on CUDA (one compile per shape; uncompiled on CPU); paged = "
+        "transformers' continuous batching (generate_batch), finished rows leave the batch.",
         ("dynamic", "static", "paged"),
     )
     prefill_chunk_size: int | None = _f(
         None,
-        "Prompt positions per prefill forward (None = whole prompts at once). Bounds the prefill's memory, "
-        "which for B x G long prompts can exceed the training step's (see python -m popo_lite.plan); "
-        "the same tokens are sampled.",
+        "Prompt positions per prefill forward (None = whole prompts at once); bounds the prefill's memory "
+        "and samples the same tokens.",
     )
     generation_backend: str = _f(
         "hf",
         "Rollout engine: hf = Hugging Face generate on the training model; vllm = a vLLM engine on the same "
-        "GPU, given the policy adapter per request (optional: needs vLLM and CUDA; not run by our CI).",
+        "GPU, given the policy adapter with each request (needs vLLM and CUDA).",
         ("hf", "vllm"),
     )
     vllm_gpu_memory_utilization: float = _f(
@@ -141,16 +137,19 @@ class Config:
     beta_entropy: float = _f(0.01, "POPO: weight of the entropy bonus.")
     entropy_over: str = _f(
         "all",
-        "POPO entropy bonus over all completions (reference: the only way negatives touch the gradient) "
-        "or only positives (cheaper).",
+        "POPO: tokens the entropy bonus averages over: all completions (the reference) or positives only "
+        "(cheaper).",
         ("all", "positives"),
     )
     pack_positives: bool = _f(
         False,
-        "POPO: micro-batches of positive rollouts only, whole groups together, so the gradient work scales "
-        "with the positives; a group's weights then come from the loss forward (no separate no-grad pass) "
-        "when lora_dropout is 0. Needs entropy_over: positives or beta_entropy: 0. Changes which rows share "
-        "a micro-batch, so the per-micro-batch token normalisation differs from the reference's.",
+        "POPO: micro-batches hold positive rollouts only, each group's together, so the gradient work scales "
+        "with the positives. Needs entropy_over: positives or beta_entropy: 0.",
+    )
+    shuffle_micro_batches: bool = _f(
+        True,
+        "Shuffle the step's rollouts (seeded) before splitting them into micro-batches, as the reference "
+        "does; --no-shuffle_micro_batches keeps row order. Not applied with pack_positives.",
     )
     tau: float = _f(0.995, "POPO: EMA momentum of the siamese adapter, xi <- tau xi + (1 - tau) theta.")
     noise_std: float = _f(0.02, "POPO: sigma of the Gaussian noise added to the EMA target features.")
@@ -167,15 +166,15 @@ class Config:
 
     # --- optimisation ------------------------------------------------------------------------------
     steps: int = _f(5, "Optimizer steps (one generation batch each: on-policy).")
-    learning_rate: float = _f(
-        2e-4,
-        "AdamW learning rate for the LoRA adapter and the predictor (LoRA needs far more than the "
-        "reference's full-fine-tuning 1e-7; 2e-4 is measured to teach the embedded model, see README).",
-    )
+    learning_rate: float = _f(2e-4, "AdamW learning rate of the LoRA adapter and the predictor.")
     weight_decay: float = _f(0.01, "AdamW weight decay.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
-    lr_schedule: str = _f("constant", "Learning-rate schedule after warmup.", ("constant", "cosine"))
-    warmup_ratio: float = _f(0.0, "Fraction of steps of linear warmup.")
+    max_grad_norm: float = _f(
+        1.0, "Clip the policy adapter's gradient norm to this (the predictor is not clipped)."
+    )
+    lr_schedule: str = _f("constant", "Learning-rate schedule after warm-up.", ("constant", "cosine"))
+    warmup_ratio: float = _f(
+        0.0, "Fraction of steps of linear warm-up from 0 (ceil(warmup_ratio x steps) steps; 0 = none)."
+    )
     micro_batch_size: int = _f(
         16, "Sequences per forward/backward pass (gradient accumulation over the rest)."
     )

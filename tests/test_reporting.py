@@ -9,7 +9,7 @@ import types
 import pytest
 
 from popo_lite.config import ConfigError, load_config
-from popo_lite.training import trainer
+from popo_lite.training import session
 from popo_lite.training.reporting import Reporter, scalars
 from popo_lite.training.trainer import train
 
@@ -38,7 +38,7 @@ def test_wandb_without_the_package_fails_before_the_model_loads(tiny_config, mon
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(trainer, "load_policy", no_load)
+    monkeypatch.setattr(session, "load_policy", no_load)
     config = tiny_config(report_to=["wandb"])
     with pytest.raises(ConfigError, match="pip install wandb"):
         next(train(config))

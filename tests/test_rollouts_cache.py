@@ -140,7 +140,7 @@ def test_trainer_generates_with_the_configured_cache(tiny_config):
     class Stop(Exception):
         pass
 
-    with mock.patch("popo_lite.training.trainer.generate_rollouts", side_effect=Stop) as generate:
+    with mock.patch("popo_lite.engine.choose.generate_rollouts", side_effect=Stop) as generate:
         with pytest.raises(Stop):
             next(train(tiny_config(generation_cache="static", steps=1)))
     assert generate.call_args.kwargs["cache"] == "static"

@@ -68,9 +68,9 @@ def counter(monkeypatch):
     calls: list[list[int]] = []
     original = updates.sequence_logprobs
 
-    def counting(model, rollouts, index, config):
-        calls.append(index.tolist())
-        return original(model, rollouts, index, config)
+    def counting(model, rollouts, rows, micro_batch_size, temperature):
+        calls.append(rows.tolist())
+        return original(model, rollouts, rows, micro_batch_size, temperature)
 
     monkeypatch.setattr(updates, "sequence_logprobs", counting)
     return calls

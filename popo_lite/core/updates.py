@@ -1,11 +1,22 @@
 """One step's gradient work: POPO or GRPO over micro-batches of the step's rollouts.
 
-Each function runs forwards, calls the pure objective of `objectives.py` on each micro-batch and
-accumulates gradients (loss / number of micro-batches); the optimizer step and the EMA update are
-the trainer's. Rows are grouped: rows i*G .. i*G + G - 1 share prompt i.
+`popo_update` and `grpo_update` are the only functions here that read the config; the helpers below
+them take the numbers they use. Each runs the forwards, calls the pure objective of `objectives.py`
+on each micro-batch and accumulates gradients (loss / number of micro-batches); the optimizer step
+and the EMA update are the trainer's. Rows are grouped: rows i*G .. i*G + G - 1 share prompt i.
+Names: `b_` for a tensor over the whole step's rows (B*G), `mb_` for one micro-batch's.
 
-Gradient forwards go through a `distributed.PolicyForward` (the policy + predictor as one module). Under
-`accelerate launch` it is the DDP-wrapped one (`replicas.scorer`): then every process runs every
+POPO, in order (docs/algorithm.md section 1):
+1. weights: per group, from the policy that sampled, without gradient, over positives only. They come
+   from an explicit no-grad pass over the positives (`sequence_logprobs`), except on one named path:
+   with `pack_positives` (and no LoRA dropout) a group whose positives all sit in one micro-batch takes
+   its weights from that micro-batch's own loss forward (`_weights_from_loss_forward`): the
+   parameters do not change within a step, so the values are the same and one pass is saved;
+2. per micro-batch: the policy forward with gradient, the EMA forward on its positives without, the
+   loss, backward.
+
+Every gradient forward goes through `PolicyForward` (policy log-probs + predictor), or, under
+`accelerate launch`, the DDP wrapper of it (`replicas.forward`): then every process runs every
 micro-batch's backward (a micro-batch with no positive gives a connected zero loss instead of being
 skipped) and gradients are all-reduced on the last one only.
 """
@@ -14,100 +25,80 @@ from __future__ import annotations
 
 from collections import defaultdict
 from contextlib import nullcontext
+from typing import NamedTuple, Protocol
 
 import torch
+from torch import nn
 
 from popo_lite.config import Config
-from popo_lite.core.logprobs import CompletionStats, completion_stats
 from popo_lite.core.objectives import grpo_advantages, grpo_loss, kl_k3, popo_loss, popo_weights
 from popo_lite.core.policy_forward import PolicyForward
 from popo_lite.core.siamese import Predictor, ema_forward
 from popo_lite.engine.rollouts import Rollouts
-from popo_lite.training.distributed import Replicas
 
 
 class NonFiniteLoss(RuntimeError):
     """A micro-batch produced a NaN or infinite loss; the step must not reach the adapter."""
 
 
-def _rows(rollouts: Rollouts, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+class Update(NamedTuple):
+    """What one step's gradient work reports (the gradients themselves are in the parameters' `.grad`)."""
+
+    metrics: dict[str, float]  # micro-batch means of the objective's metrics
+    row_weights: torch.Tensor  # (B*G,) POPO weights or GRPO advantages
+    token_logprobs: dict[int, list[float]]  # row -> its completion's token log-probs (the rollout inspector)
+
+
+class Replicated(Protocol):
+    """What data-parallel training (`training/distributed.py`) lends an update."""
+
+    forward: nn.Module  # the DDP-wrapped PolicyForward
+
+    def sync(self, last: bool): ...  # gradient all-reduce on the last micro-batch only
+
+    def max_count(self, count: int) -> int: ...  # the largest `count` over the processes
+
+
+def _rows(rollouts: Rollouts, mb_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
     """input_ids, attention_mask, prompt width and completion mask of some rows, padding columns trimmed."""
-    prompt_mask = rollouts.prompt_mask[index]
-    completion_mask = rollouts.completion_mask[index]
-    first = int((prompt_mask.sum(0) > 0).nonzero()[0]) if prompt_mask.any() else 0
-    width = max(int(completion_mask.sum(1).max()), 1)
-    prompt_ids = rollouts.prompt_ids[index, first:]
-    completion_ids = rollouts.completion_ids[index, :width]
-    completion_mask = completion_mask[:, :width]
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (n, P' + T')
-    attention_mask = torch.cat([prompt_mask[:, first:], completion_mask], dim=1)
-    return input_ids, attention_mask, prompt_ids.shape[1], completion_mask
+    mb_prompt_mask = rollouts.prompt_mask[mb_rows]
+    mb_completion_mask = rollouts.completion_mask[mb_rows]
+    first = int((mb_prompt_mask.sum(0) > 0).nonzero()[0]) if mb_prompt_mask.any() else 0
+    width = max(int(mb_completion_mask.sum(1).max()), 1)
+    mb_prompt_ids = rollouts.prompt_ids[mb_rows, first:]
+    mb_completion_ids = rollouts.completion_ids[mb_rows, :width]
+    mb_completion_mask = mb_completion_mask[:, :width]
+    mb_input_ids = torch.cat([mb_prompt_ids, mb_completion_ids], dim=1)  # (n, P' + T')
+    mb_attention_mask = torch.cat([mb_prompt_mask[:, first:], mb_completion_mask], dim=1)
+    return mb_input_ids, mb_attention_mask, mb_prompt_ids.shape[1], mb_completion_mask
 
 
-def _score(
-    model, rollouts: Rollouts, index: torch.Tensor, config: Config, **flags
-) -> tuple[CompletionStats, torch.Tensor]:
-    input_ids, attention_mask, prompt_width, completion_mask = _rows(rollouts, index)
-    stats = completion_stats(
-        model, input_ids, attention_mask, prompt_width, completion_mask, config.temperature, **flags
-    )
-    return stats, completion_mask
+def _forward(
+    forward: nn.Module, rollouts: Rollouts, mb_rows: torch.Tensor, temperature: float, **flags
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """(token log-probs (n, T'), entropy, features (n, H), predicted (n, H), completion mask (n, T')) of
+    `mb_rows` through `forward` (a PolicyForward or its DDP wrapper); with gradient unless under no_grad."""
+    input_ids, attention_mask, prompt_width, completion_mask = _rows(rollouts, mb_rows)
+    outputs = forward(input_ids, attention_mask, prompt_width, completion_mask, temperature, **flags)
+    return (*outputs, completion_mask)
 
 
-def _micro_batches(index: torch.Tensor, size: int) -> list[torch.Tensor]:
-    return list(index.split(size)) if index.numel() else []
+def _micro_batches(b_rows: torch.Tensor, size: int) -> list[torch.Tensor]:
+    return list(b_rows.split(size)) if b_rows.numel() else []
 
 
-def _backward(
-    loss: torch.Tensor, metrics: dict, collected: dict[str, list[float]], name: str, replicas: Replicas | None
-) -> None:
-    """Accumulate one micro-batch's gradient (loss already divided by the micro-batch count).
-
-    With replicas the backward runs even on a non-finite loss: every process must reach the all-reduce,
-    and the averaged gradient's norm, non-finite on every process alike, then skips the step everywhere.
-    """
-    if not torch.isfinite(loss) and replicas is None:
-        raise NonFiniteLoss(f"{name} loss is {loss.item()}")
-    loss.backward()
-    for key, value in metrics.items():
-        collected[key].append(float(value))
-
-
-def _mean_metrics(collected: dict[str, list[float]]) -> dict[str, float]:
-    return {key: sum(values) / len(values) for key, values in collected.items() if values}
-
-
-@torch.no_grad()
-def sequence_logprobs(
-    model, rollouts: Rollouts, index: torch.Tensor, config: Config
-) -> tuple[torch.Tensor, torch.Tensor, list[list[float]]]:
-    """Mean and summed completion log-probs of the rows `index` under the active adapter, no gradient;
-    also each row's token log-probs (for the rollout inspector's colouring)."""
-    means, sums, per_token = [], [], []
-    for rows in _micro_batches(index, config.micro_batch_size):
-        stats, mask = _score(model, rollouts, rows, config)
-        mean, summed = _sequence_scores(stats.logprobs, mask)
-        means.append(mean)
-        sums.append(summed)
-        per_token += _token_lists(stats.logprobs, mask)
-    return torch.cat(means), torch.cat(sums), per_token
+def batch_order(count: int, shuffle: bool, generator: torch.Generator | None, device) -> torch.Tensor:
+    """The step's rows in the order they are split into micro-batches: shuffled (the reference shuffles
+    the generation batch before splitting it) or as generated."""
+    if not shuffle or generator is None:
+        return torch.arange(count, device=device)
+    return torch.randperm(count, generator=generator).to(device)
 
 
 def _sequence_scores(token_logprobs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and sum over each completion's tokens, (N,) each, detached; padding never enters."""
+    """Mean and sum over each completion's tokens, (n,) each, detached; padding never enters."""
     summed = torch.where(mask.bool(), token_logprobs.detach().float(), 0.0).sum(1)
     return summed / mask.sum(1).clamp(min=1), summed
-
-
-def _scorer(model, predictor: Predictor | None, replicas: Replicas | None) -> PolicyForward:
-    return replicas.scorer if replicas is not None else PolicyForward(model, predictor)
-
-
-def _forward(scorer, rollouts: Rollouts, rows: torch.Tensor, config: Config, **flags) -> tuple:
-    """(token log-probs, entropy, features, predicted, completion mask) of `rows`, with gradient."""
-    input_ids, attention_mask, prompt_width, completion_mask = _rows(rollouts, rows)
-    outputs = scorer(input_ids, attention_mask, prompt_width, completion_mask, config.temperature, **flags)
-    return (*outputs, completion_mask)
 
 
 def _token_lists(token_logprobs: torch.Tensor, mask: torch.Tensor) -> list[list[float]]:
@@ -116,62 +107,52 @@ def _token_lists(token_logprobs: torch.Tensor, mask: torch.Tensor) -> list[list[
     return [row[: int(length)] for row, length in zip(rows, lengths, strict=True)]
 
 
-def _sync(replicas: Replicas | None, number: int, count: int):
-    """All-reduce gradients on the last micro-batch only (data-parallel); nothing on one process."""
-    return replicas.sync(number == count - 1) if replicas is not None else nullcontext()
+@torch.no_grad()
+def sequence_logprobs(
+    model, rollouts: Rollouts, b_rows: torch.Tensor, micro_batch_size: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, list[list[float]]]:
+    """Mean and summed completion log-probs of the rows `b_rows` under the active adapter, no gradient;
+    also each row's token log-probs (for the rollout inspector's colouring)."""
+    forward = PolicyForward(model)
+    means, sums, per_token = [], [], []
+    for mb_rows in _micro_batches(b_rows, micro_batch_size):
+        mb_logprobs, _, _, _, mb_mask = _forward(forward, rollouts, mb_rows, temperature)
+        mean, summed = _sequence_scores(mb_logprobs, mb_mask)
+        means.append(mean)
+        sums.append(summed)
+        per_token += _token_lists(mb_logprobs, mb_mask)
+    return torch.cat(means), torch.cat(sums), per_token
 
 
-def _popo_micro_batch(
-    model,
-    scorer,
-    rollouts: Rollouts,
-    rows: torch.Tensor,
-    weights: torch.Tensor,
-    positive: torch.Tensor,
-    stand_in: bool,
-    config: Config,
-    generator: torch.Generator,
-    fill_weights=None,
-) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
-    """One micro-batch's POPO loss: policy forward with gradient, EMA forward on its positives without.
+class _WeightsBook:
+    """The step's per-row sequence scores and the POPO weights computed from them, group by group."""
 
-    `fill_weights(rows, logprobs, mask)`, when given, returns the step's weights completed from this
-    forward's detached log-probs (groups whose positives are all here). A stand-in (data-parallel filler)
-    counts no row as positive, so its loss is a connected zero. Returns (loss, metrics, weights).
-    """
-    use_features = config.alpha > 0
-    logprobs, entropy, features, predicted, mask = _forward(
-        scorer, rollouts, rows, config, with_entropy=config.beta_entropy > 0, with_features=use_features
-    )
-    if fill_weights is not None:
-        weights = fill_weights(rows, logprobs, mask)
-    positives = positive[rows] & (not stand_in)  # (n,)
-    target = noise = None
-    extra = {}
-    if use_features:
-        target = torch.zeros_like(features)  # (n, H); zero weight where not positive
-        if positives.any():
-            with torch.no_grad(), ema_forward(model):
-                ema, _ = _score(model, rollouts, rows[positives], config, with_features=True)
-            target[positives] = ema.features
-            cosine = torch.cosine_similarity(features[positives].detach(), ema.features, dim=-1)
-            extra["cosine_policy_ema"] = float(cosine.mean())
-        noise = torch.randn(target.shape, generator=generator, device="cpu").to(features.device)
-        noise = noise * config.noise_std
-    loss, metrics = popo_loss(
-        logprobs,
-        entropy,
-        mask,
-        weights[rows] * positives,
-        positives,
-        predicted,
-        target,
-        noise,
-        alpha=config.alpha,
-        beta_entropy=config.beta_entropy,
-        entropy_over=config.entropy_over,
-    )
-    return loss, {**metrics, **extra}, weights
+    def __init__(
+        self, rewards: torch.Tensor, mode: str, temperature: float, threshold: float, device
+    ) -> None:
+        self.rewards, self.mode, self.temperature, self.threshold = (
+            rewards.to(device),
+            mode,
+            temperature,
+            threshold,
+        )
+        self.b_scores = torch.zeros(2, rewards.numel(), device=device)  # mean and summed log-prob per row
+        self.token_logprobs: dict[int, list[float]] = {}
+
+    def record(self, rows: torch.Tensor, means, sums, per_token: list[list[float]]) -> None:
+        self.b_scores[0, rows], self.b_scores[1, rows] = means, sums
+        self.token_logprobs.update(zip(rows.tolist(), per_token, strict=True))
+
+    def weights(self) -> torch.Tensor:
+        """(B*G,) weights, exact for every group whose positives have all been recorded."""
+        return popo_weights(
+            self.b_scores[0].view_as(self.rewards),
+            self.b_scores[1].view_as(self.rewards),
+            self.rewards,
+            self.mode,
+            self.temperature,
+            self.threshold,
+        ).flatten()
 
 
 def pack_positive_groups(positive: torch.Tensor, size: int) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -202,6 +183,102 @@ def pack_positive_groups(positive: torch.Tensor, size: int) -> tuple[list[torch.
     return [torch.tensor(batch, device=device) for batch in batches], split.to(device)
 
 
+def _backward(
+    loss: torch.Tensor, metrics: dict, collected: dict[str, list[float]], name: str, replicas
+) -> None:
+    """Accumulate one micro-batch's gradient (loss already divided by the micro-batch count).
+
+    With replicas the backward runs even on a non-finite loss: every process must reach the all-reduce,
+    and the averaged gradient's norm, non-finite on every process alike, then skips the step everywhere.
+    """
+    if not torch.isfinite(loss) and replicas is None:
+        raise NonFiniteLoss(f"{name} loss is {loss.item()}")
+    loss.backward()
+    for key, value in metrics.items():
+        collected[key].append(float(value))
+
+
+def _mean_metrics(collected: dict[str, list[float]]) -> dict[str, float]:
+    return {key: sum(values) / len(values) for key, values in collected.items() if values}
+
+
+def _sync(replicas: Replicated | None, number: int, count: int):
+    """All-reduce gradients on the last micro-batch only (data-parallel); nothing on one process."""
+    return replicas.sync(number == count - 1) if replicas is not None else nullcontext()
+
+
+def _zero_policy_gradients(model: nn.Module) -> None:
+    """The gradient of the reference's connected zero loss: zeros on every trainable adapter tensor, so
+    the optimizer still steps (AdamW's moment decay and weight decay) on a step with no positive."""
+    for param in model.parameters():
+        if param.requires_grad and param.grad is None:
+            param.grad = torch.zeros_like(param)
+
+
+def _ema_targets(
+    model, rollouts: Rollouts, mb_rows: torch.Tensor, mb_positive: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """f_xi(y) (n+, H) of the micro-batch's positives from the EMA adapter, without gradient."""
+    with torch.no_grad(), ema_forward(model):
+        _, _, mb_ema_features, _, _ = _forward(
+            PolicyForward(model), rollouts, mb_rows[mb_positive], temperature, with_features=True
+        )
+    return mb_ema_features
+
+
+def _popo_micro_batch_loss(
+    model,
+    rollouts: Rollouts,
+    mb_rows: torch.Tensor,
+    mb_outputs: tuple,
+    mb_weights: torch.Tensor,
+    mb_positive: torch.Tensor,
+    *,
+    alpha: float,
+    beta_entropy: float,
+    entropy_over: str,
+    noise_std: float,
+    temperature: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One micro-batch's POPO loss from its policy forward (`mb_outputs`, with gradient) and the EMA
+    forward on its positives. A micro-batch with no positive gives a connected zero."""
+    mb_logprobs, mb_entropy, mb_features, mb_predicted, mb_mask = mb_outputs
+    mb_target = mb_noise = None
+    extra = {}
+    if alpha > 0:
+        mb_target = torch.zeros_like(mb_features)  # (n, H); zero weight where not positive
+        if mb_positive.any():
+            mb_ema_features = _ema_targets(model, rollouts, mb_rows, mb_positive, temperature)
+            mb_target[mb_positive] = mb_ema_features
+            cosine = torch.cosine_similarity(mb_features[mb_positive].detach(), mb_ema_features, dim=-1)
+            extra["cosine_policy_ema"] = float(cosine.mean())
+        mb_noise = torch.randn(mb_target.shape, generator=generator, device="cpu").to(mb_features.device)
+        mb_noise = mb_noise * noise_std
+    loss, metrics = popo_loss(
+        mb_logprobs,
+        mb_entropy,
+        mb_mask,
+        mb_weights,
+        mb_positive,
+        mb_predicted,
+        mb_target,
+        mb_noise,
+        alpha=alpha,
+        beta_entropy=beta_entropy,
+        entropy_over=entropy_over,
+    )
+    return loss, {**metrics, **extra}
+
+
+def _weights_from_loss_forward(book: _WeightsBook, mb_rows: torch.Tensor, mb_outputs: tuple) -> torch.Tensor:
+    """Packing's path: this micro-batch holds whole groups whose weights were left to its own loss
+    forward; record its detached log-probs and return the step's weights, now exact for those groups."""
+    mb_logprobs, mb_mask = mb_outputs[0], mb_outputs[-1]
+    book.record(mb_rows, *_sequence_scores(mb_logprobs, mb_mask), _token_lists(mb_logprobs, mb_mask))
+    return book.weights()
+
+
 def popo_update(
     model,
     predictor: Predictor,
@@ -209,124 +286,151 @@ def popo_update(
     rewards: torch.Tensor,
     config: Config,
     generator: torch.Generator,
-    replicas: Replicas | None = None,
-) -> tuple[dict[str, float], torch.Tensor, dict[int, list[float]]]:
+    replicas: Replicated | None = None,
+) -> Update:
     """Accumulate POPO gradients for one step; returns (metrics, weights (B*G,), token log-probs by row).
 
     rewards: (B, G). Weights are per group, from the policy that sampled (no gradient), over positives
-    only: a non-positive's weight is 0 whatever its log-prob (POPO_SPEC.md section 1, step 4). They come
-    from a no-grad pass over the positives first, or, with `pack_positives` and no LoRA dropout, from the
-    loss forward itself for every group whose positives share one micro-batch (the parameters do not change
-    within a step, so the values are the same).
+    only: a non-positive's weight is 0 whatever its log-prob. `generator` (CPU) draws the similarity
+    noise and the micro-batch shuffle. On one process a micro-batch with no positive is skipped (its loss
+    is exactly zero; it still counts in the divisor), and a step with no positive at all gives the policy
+    adapter zero gradients, as the reference's connected zero does, so the optimizer still steps.
     """
     device = rollouts.completion_ids.device
     count = rewards.numel()
-    positive = (rewards > config.reward_threshold).flatten().to(device)  # (B*G,)
+    b_positive = (rewards > config.reward_threshold).flatten().to(device)  # (B*G,)
     if config.pack_positives:
-        micro_batches, split = pack_positive_groups(positive.view_as(rewards), config.micro_batch_size)
-        deferred = positive & ~split if config.lora_dropout == 0 else torch.zeros_like(positive)
+        micro_batches, b_split = pack_positive_groups(b_positive.view_as(rewards), config.micro_batch_size)
+        # rows whose weights come from their own loss forward (exact only without dropout)
+        b_deferred = b_positive & ~b_split if config.lora_dropout == 0 else torch.zeros_like(b_positive)
     else:
-        micro_batches = _micro_batches(torch.arange(count, device=device), config.micro_batch_size)
-        deferred = torch.zeros_like(positive)  # (B*G,) rows whose weights the loss forward gives
+        order = batch_order(count, config.shuffle_micro_batches, generator, device)
+        micro_batches, b_deferred = (
+            _micro_batches(order, config.micro_batch_size),
+            torch.zeros_like(b_positive),
+        )
     if replicas is not None:  # every process runs as many micro-batch backwards as the busiest one
         micro_batches += [None] * (replicas.max_count(len(micro_batches)) - len(micro_batches))
-    scores = torch.zeros(2, count, device=device)  # mean and summed completion log-prob per row
-    token_logprobs: dict[int, list[float]] = {}
 
-    def weights_with(rows: torch.Tensor, means, sums, per_token: list[list[float]]) -> torch.Tensor:
-        scores[0, rows], scores[1, rows] = means, sums
-        token_logprobs.update(zip(rows.tolist(), per_token, strict=True))
-        return popo_weights(
-            scores[0].view_as(rewards),
-            scores[1].view_as(rewards),
-            rewards.to(device),
-            config.weight_mode,
-            config.weight_temperature,
-            config.reward_threshold,
-        ).flatten()  # (B*G,), exact for every group whose positives are all scored
+    # 1. Weights, without gradient, from the policy that sampled (eval: no dropout).
+    model.eval()
+    book = _WeightsBook(
+        rewards, config.weight_mode, config.weight_temperature, config.reward_threshold, device
+    )
+    b_first_pass = (b_positive & ~b_deferred).nonzero().flatten()
+    if b_first_pass.numel():
+        book.record(
+            b_first_pass,
+            *sequence_logprobs(model, rollouts, b_first_pass, config.micro_batch_size, config.temperature),
+        )
+    b_weights = book.weights()
 
-    def weights_from_forward(rows: torch.Tensor, logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return weights_with(rows, *_sequence_scores(logprobs, mask), _token_lists(logprobs, mask))
-
-    model.eval()  # weights from the sampling policy: no dropout
-    first_pass = (positive & ~deferred).nonzero().flatten()
-    weights = torch.zeros(count, device=device)
-    if first_pass.numel():
-        weights = weights_with(first_pass, *sequence_logprobs(model, rollouts, first_pass, config))
-
+    # 2. Loss and backward, micro-batch by micro-batch.
     model.train()
     use_features = config.alpha > 0
-    scorer = _scorer(model, predictor if use_features else None, replicas)
+    forward = (
+        replicas.forward
+        if replicas is not None
+        else PolicyForward(model, predictor if use_features else None)
+    )
     collected: dict[str, list[float]] = defaultdict(list)
-    for number, rows in enumerate(micro_batches):
-        stand_in = rows is None or (replicas is not None and not positive[rows].any())
-        if rows is None:
-            rows = torch.zeros(1, dtype=torch.long, device=device)  # any row: its loss is a connected zero
+    for number, mb_rows in enumerate(micro_batches):
+        stand_in = mb_rows is None or (replicas is not None and not b_positive[mb_rows].any())
+        if mb_rows is None:
+            mb_rows = torch.zeros(1, dtype=torch.long, device=device)  # any row: its loss is a connected zero
         elif config.entropy_over == "positives" or config.beta_entropy == 0:
             # Only positives can carry a gradient here; under DDP one row stands in for an empty batch.
-            rows = rows[positive[rows]] if positive[rows].any() else rows[:1]
-        if not positive[rows].any() and replicas is None:
-            # The spec's loss here is exactly zero (entropy skipped too): no forward is needed on one
-            # process; the micro-batch still counts in the accumulation divisor below.
-            continue
-        fill = weights_from_forward if deferred[rows].any() and not stand_in else None
+            mb_rows = mb_rows[b_positive[mb_rows]] if b_positive[mb_rows].any() else mb_rows[:1]
+        if not b_positive[mb_rows].any() and replicas is None:
+            continue  # the spec's loss here is exactly zero (entropy skipped too): no forward needed
         with _sync(replicas, number, len(micro_batches)):
-            loss, metrics, weights = _popo_micro_batch(
-                model, scorer, rollouts, rows, weights, positive, stand_in, config, generator, fill
+            mb_outputs = _forward(
+                forward,
+                rollouts,
+                mb_rows,
+                config.temperature,
+                with_entropy=config.beta_entropy > 0,
+                with_features=use_features,
             )
-            logged = {} if stand_in else metrics  # a DDP stand-in batch logs nothing
-            _backward(loss / len(micro_batches), logged, collected, "POPO", replicas)
-    return _mean_metrics(collected), weights, token_logprobs
+            if b_deferred[mb_rows].any() and not stand_in:
+                b_weights = _weights_from_loss_forward(book, mb_rows, mb_outputs)
+            mb_positive = b_positive[mb_rows] & (not stand_in)  # a stand-in counts no row as positive
+            loss, metrics = _popo_micro_batch_loss(
+                model,
+                rollouts,
+                mb_rows,
+                mb_outputs,
+                b_weights[mb_rows] * mb_positive,
+                mb_positive,
+                alpha=config.alpha,
+                beta_entropy=config.beta_entropy,
+                entropy_over=config.entropy_over,
+                noise_std=config.noise_std,
+                temperature=config.temperature,
+                generator=generator,
+            )
+            _backward(loss / len(micro_batches), {} if stand_in else metrics, collected, "POPO", replicas)
+    if not collected and replicas is None:
+        _zero_policy_gradients(model)
+    return Update(_mean_metrics(collected), b_weights, book.token_logprobs)
 
 
 def grpo_update(
-    model, rollouts: Rollouts, rewards: torch.Tensor, config: Config, replicas: Replicas | None = None
-) -> tuple[dict[str, float], torch.Tensor, dict[int, list[float]]]:
+    model,
+    rollouts: Rollouts,
+    rewards: torch.Tensor,
+    config: Config,
+    replicas: Replicated | None = None,
+    generator: torch.Generator | None = None,
+) -> Update:
     """Accumulate GRPO gradients for one step; returns (metrics, advantages (B*G,), token log-probs by row).
 
     On-policy (one update per generation), so old log-probs are the detached current ones and the
-    ratio is 1 in value; the clipped form is kept so the gradient is GRPO's (POPO_SPEC.md section 4).
-    The reference policy is the base: the same model with the adapter disabled.
+    ratio is 1 in value; the clipped form is kept so the gradient is GRPO's (docs/algorithm.md section 4).
+    The reference policy is the base: the same model with the adapter disabled. `generator` (CPU) draws
+    the micro-batch shuffle; without one the rows keep their order.
     """
     device = rollouts.completion_ids.device
-    advantages = grpo_advantages(rewards.float()).flatten().to(device)  # (B*G,)
+    b_advantages = grpo_advantages(rewards.float()).flatten().to(device)  # (B*G,)
     model.train()
-    scorer = _scorer(model, None, replicas)
-    micro_batches = _micro_batches(torch.arange(rewards.numel(), device=device), config.micro_batch_size)
+    forward = replicas.forward if replicas is not None else PolicyForward(model)
+    order = batch_order(rewards.numel(), config.shuffle_micro_batches, generator, device)
+    micro_batches = _micro_batches(order, config.micro_batch_size)
     collected: dict[str, list[float]] = defaultdict(list)
     token_logprobs: dict[int, list[float]] = {}
-    for number, rows in enumerate(micro_batches):
+    for number, mb_rows in enumerate(micro_batches):
         with _sync(replicas, number, len(micro_batches)):
-            logprobs, _, _, _, mask = _forward(scorer, rollouts, rows, config)
-            token_logprobs.update(zip(rows.tolist(), _token_lists(logprobs, mask), strict=True))
-            ref_logprobs = None
+            mb_logprobs, _, _, _, mb_mask = _forward(forward, rollouts, mb_rows, config.temperature)
+            token_logprobs.update(zip(mb_rows.tolist(), _token_lists(mb_logprobs, mb_mask), strict=True))
+            mb_ref_logprobs = None
             if config.grpo_beta > 0:
                 with torch.no_grad(), model.disable_adapter():
-                    ref_logprobs = _score(model, rollouts, rows, config)[0].logprobs
+                    mb_ref_logprobs = _forward(PolicyForward(model), rollouts, mb_rows, config.temperature)[0]
             loss, metrics = grpo_loss(
-                logprobs,
-                logprobs.detach(),
-                advantages[rows],
-                mask,
-                ref_logprobs,
+                mb_logprobs,
+                mb_logprobs.detach(),
+                b_advantages[mb_rows],
+                mb_mask,
+                mb_ref_logprobs,
                 clip_eps=config.grpo_clip_eps,
                 beta=config.grpo_beta,
                 normalization=config.grpo_normalization,
             )
             _backward(loss / len(micro_batches), metrics, collected, "GRPO", replicas)
-    return _mean_metrics(collected), advantages, token_logprobs
+    return Update(_mean_metrics(collected), b_advantages, token_logprobs)
 
 
 @torch.no_grad()
-def kl_policy_ema(model, rollouts: Rollouts, config: Config) -> float:
+def kl_policy_ema(model, rollouts: Rollouts, micro_batch_size: int, temperature: float) -> float:
     """KL(policy || EMA) by the k3 estimator on this step's completions: monitoring only."""
     model.eval()
-    rows = torch.arange(rollouts.completion_ids.shape[0], device=rollouts.completion_ids.device)
+    forward = PolicyForward(model)
+    b_rows = torch.arange(rollouts.completion_ids.shape[0], device=rollouts.completion_ids.device)
     values, tokens = [], []
-    for chunk in _micro_batches(rows, config.micro_batch_size):
-        policy, mask = _score(model, rollouts, chunk, config)
+    for mb_rows in _micro_batches(b_rows, micro_batch_size):
+        mb_policy, _, _, _, mb_mask = _forward(forward, rollouts, mb_rows, temperature)
         with ema_forward(model):
-            ema, _ = _score(model, rollouts, chunk, config)
-        values.append(float(kl_k3(policy.logprobs, ema.logprobs, mask)) * float(mask.sum()))
-        tokens.append(float(mask.sum()))
+            mb_ema = _forward(forward, rollouts, mb_rows, temperature)[0]
+        values.append(float(kl_k3(mb_policy, mb_ema, mb_mask)) * float(mb_mask.sum()))
+        tokens.append(float(mb_mask.sum()))
     return sum(values) / max(sum(tokens), 1.0)

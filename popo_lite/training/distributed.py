@@ -61,18 +61,18 @@ class Replicas:
         self.world = self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
         self.device = torch.device("cpu") if on_cpu else self.accelerator.device
-        self.scorer: nn.Module | None = None
+        self.forward: nn.Module | None = None
         check_split(config.prompts_per_step, self.world)
 
-    def wrap(self, scorer: PolicyForward) -> None:
+    def wrap(self, forward: PolicyForward) -> None:
         """Hand the scorer to accelerate (DDP). Frozen tensors (the base, the EMA adapter) stay out of DDP:
         every process loads the same base, and the EMA is re-copied from the broadcast policy after this."""
         from torch.nn.parallel import DistributedDataParallel
 
-        frozen = [name for name, param in scorer.named_parameters() if not param.requires_grad]
-        frozen += [name for name, _ in scorer.named_buffers()]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(scorer, frozen)
-        self.scorer = self.accelerator.prepare_model(scorer, device_placement=False)
+        frozen = [name for name, param in forward.named_parameters() if not param.requires_grad]
+        frozen += [name for name, _ in forward.named_buffers()]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(forward, frozen)
+        self.forward = self.accelerator.prepare_model(forward, device_placement=False)
 
     def shard(self, items: list) -> list:
         return shard(items, self.rank, self.world)
@@ -83,7 +83,7 @@ class Replicas:
 
     def sync(self, last: bool):
         """Gradient all-reduce on the last micro-batch of a step only (`no_sync` before it)."""
-        return nullcontext() if last else self.accelerator.no_sync(self.scorer)
+        return nullcontext() if last else self.accelerator.no_sync(self.forward)
 
     def main_first(self, action: Callable[[], Any]) -> Any:
         """Run `action` on the main process and hand its result, or its exception, to every process."""

@@ -1,18 +1,59 @@
-"""What a training step reports: reward and weight statistics, peak memory, evaluation results.
+"""What a training step reports: its record (reward and weight statistics, the objective's metrics,
+learning rate, seconds and tokens/s per phase, peak memory) and evaluation during training.
 
-The trainer puts these into each step's record (`metrics.jsonl`, the yielded dict, the reporters).
+Each step's record is one flat dict of numbers: a line of `metrics.jsonl`, the dict `train` yields and
+what the reporters log.
 """
 
 from __future__ import annotations
 
 import json
 import resource
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 
 from popo_lite.config import Config
+from popo_lite.core.updates import Update
+from popo_lite.data.problems import Problem
+from popo_lite.engine.rollouts import Rollouts
 from popo_lite.evaluation.benchmarks import EvalSettings, evaluate_problems
 from popo_lite.training.checkpoint import checkpoint_name
+
+
+class PhaseTimer:
+    """Wall seconds of a step's named phases (`with timer.phase("generate"): ...`)."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step produced, for its record and its files."""
+
+    batch: list[Problem]  # (B,) this process's problems
+    prompts: list[str]  # (B,)
+    rollouts: Rollouts  # B*G rows, grouped
+    rewards: torch.Tensor  # (B, G)
+    answers: list[str | None]  # (B*G,) the answer extracted from each completion
+    update: Update  # metrics, per-row weights or advantages, token log-probs
+    grad_norm: float | None  # the policy adapter's gradient norm before clipping
+    skipped: str | None  # why the optimizer step was skipped (a non-finite loss or gradient), or None
+    timer: PhaseTimer
+    monitors: dict[str, float] = field(default_factory=dict)  # e.g. kl_policy_ema, before the update
 
 
 def peak_memory_gib(device: torch.device) -> tuple[float, str]:
@@ -65,3 +106,32 @@ def evaluate_during_training(session) -> dict[str, float]:
         for result in results.values():
             handle.writelines(json.dumps(record) + "\n" for record in result["records"])
     return {f"eval_{name}": result["score"] for name, result in results.items()}
+
+
+def step_record(session, result: StepResult) -> dict:
+    """The step's record; under `accelerate launch`, statistics over every process's groups."""
+    config, replicas = session.config, session.replicas
+    metrics = {**result.monitors, **result.update.metrics}
+    if result.grad_norm is not None:
+        metrics["grad_norm"] = result.grad_norm
+    if result.skipped is not None:
+        metrics.update(skipped=1.0, warning=f"step skipped: {result.skipped}")
+    rewards, weights = result.rewards, result.update.row_weights
+    lengths = result.rollouts.completion_mask.sum(1)
+    if replicas is not None:
+        metrics = replicas.mean_metrics(metrics)
+        rewards, weights, lengths = replicas.gather(rewards, weights, lengths)
+    record = {"step": session.step, "algo": config.algo}
+    record.update(step_statistics(rewards, weights, lengths, config, popo=config.algo == "popo"))
+    record.update(metrics)
+    seconds, rollouts = result.timer.seconds, result.rollouts
+    memory, memory_kind = peak_memory_gib(session.device)
+    record["lr"] = session.scheduler.get_last_lr()[0]
+    record["generation_tokens_per_s"] = rollouts.num_completion_tokens / max(rollouts.seconds, 1e-9)
+    if result.update.metrics:  # a forward and backward ran: throughput of the update phase
+        record["train_tokens_per_s"] = int(rollouts.attention_mask.sum()) / max(seconds["update"], 1e-9)
+    record.update({f"seconds_{name}": value for name, value in seconds.items()})
+    record["seconds_generate"] = rollouts.seconds  # the engine's own clock: sampling only
+    record["seconds_step"] = time.perf_counter() - result.timer.started
+    record[f"peak_memory_gib_{memory_kind}"] = memory
+    return record

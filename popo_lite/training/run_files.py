@@ -1,4 +1,5 @@
-"""The files of a run directory, written by the trainer and read by the panel (runs.py) and the CLI.
+"""The files of a run directory, written after each step (`write_step`) and read by the panel (runs.py)
+and the CLI.
 
 <output_dir>/<run_name>/config.yaml        resolved config
                         metrics.jsonl      one record per step
@@ -10,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from datetime import datetime
 from pathlib import Path
 
@@ -18,6 +20,9 @@ import torch
 from popo_lite.config import Config, ConfigError
 from popo_lite.data.problems import Problem
 from popo_lite.engine.rollouts import Rollouts
+from popo_lite.training.checkpoint import checkpoint_name, latest_checkpoint, save_checkpoint
+from popo_lite.training.failures import TrainingError
+from popo_lite.training.records import StepResult, evaluate_during_training
 
 
 def run_directory(config: Config, resume: bool) -> Path:
@@ -81,3 +86,55 @@ def write_rollouts(
                 row["tokens"] = [tokenizer.decode([token]) for token in ids]
                 row["token_logprobs"] = [round(value, 4) for value in token_logprobs[i]]
             handle.write(json.dumps(row) + "\n")
+
+
+def write_step(session, result: StepResult, record: dict) -> None:
+    """Everything one step leaves in the run directory, main process only: its rollouts, the evaluation
+    when due (its scores join the record), the record in `metrics.jsonl` and the reporters, and the
+    checkpoint when due (after the logs, so its step is fully logged; its path joins the record)."""
+    config, run_dir, step = session.config, session.run_dir, session.step
+    if not session.is_main:
+        return
+    if config.log_rollouts:  # the main process's own share of the rollouts
+        write_rollouts(
+            run_dir / "rollouts.jsonl",
+            step,
+            session.tokenizer,
+            result.batch,
+            result.prompts,
+            result.rollouts,
+            result.rewards,
+            result.update.row_weights,
+            result.answers,
+            result.update.token_logprobs,
+        )
+    if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+        record.update(evaluate_during_training(session))
+    with open(run_dir / "metrics.jsonl", "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    session.reporter.log(record)
+    if step == config.steps or (config.save_every and step % config.save_every == 0):
+        record["checkpoint"] = str(save_checkpoint_of(session))
+
+
+def save_checkpoint_of(session) -> Path:
+    """Checkpoint the session; a failed write (disk full) removes itself and leaves the last one valid."""
+    extra = {"sampler": session.sampler.state_dict(), "noise_generator": session.generator.get_state()}
+    folder = session.run_dir / "checkpoints"
+    try:
+        return save_checkpoint(
+            folder,
+            session.step,
+            session.model,
+            session.predictor,
+            session.optimizer,
+            session.scheduler,
+            extra,
+            session.adapters,
+        )
+    except OSError as error:
+        shutil.rmtree(folder / f"{checkpoint_name(session.step)}.partial", ignore_errors=True)
+        raise TrainingError(
+            f"could not write the step {session.step} checkpoint ({error}); the last complete checkpoint "
+            f"({latest_checkpoint(folder)}) is intact: free disk space and --resume"
+        ) from None

@@ -1,0 +1,194 @@
+"""A training run's state between steps: `prepare` builds it (data, run directory, model, optimizer,
+resume from the last checkpoint). The step itself is `trainer.step`; what a step writes, `run_files.py`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from popo_lite.config import Config, ConfigError
+from popo_lite.core.policy_forward import PolicyForward
+from popo_lite.core.siamese import EMA, POLICY, Predictor, ema_reset
+from popo_lite.data.problems import Problem, format_prompt, load_problems
+from popo_lite.engine.choose import load_policy, rollout_engine
+from popo_lite.engine.rollouts import Rollouts
+from popo_lite.evaluation.benchmarks import load_benchmarks
+from popo_lite.training.checkpoint import latest_checkpoint, load_checkpoint
+from popo_lite.training.distributed import Replicas
+from popo_lite.training.distributed import start as start_replicas
+from popo_lite.training.reporting import Reporter, check_reporters
+from popo_lite.training.run_files import run_directory, truncate_jsonl
+
+
+class PromptSampler:
+    """Endless epochs of shuffled problem indices; its position is part of every checkpoint."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch, self.offset = size, seed, 0, 0
+
+    def _order(self) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.size, generator=generator).tolist()
+
+    def take(self, count: int) -> list[int]:
+        chosen: list[int] = []
+        while len(chosen) < count:
+            piece = self._order()[self.offset : self.offset + count - len(chosen)]
+            chosen += piece
+            self.offset += len(piece)
+            if self.offset >= self.size:
+                self.epoch, self.offset = self.epoch + 1, 0
+        return chosen
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.offset = state["epoch"], state["offset"]
+
+
+def lr_lambda(config: Config) -> Callable[[int], float]:
+    """The learning-rate factor of optimizer step `step` (0-based), as Hugging Face's schedulers give it
+    (the reference's): linear warm-up over ceil(warmup_ratio x steps) steps from 0, then constant or
+    cosine to 0 (docs/algorithm.md section 7)."""
+    warmup = math.ceil(config.warmup_ratio * config.steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        if config.lr_schedule == "cosine":
+            progress = (step - warmup) / max(1, config.steps - warmup)
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+        return 1.0
+
+    return factor
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Session:
+    """Everything a run holds between steps."""
+
+    config: Config
+    run_dir: Path
+    problems: list[Problem]
+    model: object
+    tokenizer: object
+    device: torch.device
+    predictor: Predictor | None  # POPO's online predictor h_phi; None for GRPO
+    policy_parameters: list[torch.nn.Parameter]  # the trained adapter: what gradient clipping covers
+    optimizer: torch.optim.Optimizer  # over the policy adapter and the predictor
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    sampler: PromptSampler
+    generator: torch.Generator  # CPU: similarity noise and micro-batch shuffles (checkpointed)
+    eval_problems: dict[str, list[Problem]]
+    generate: Callable[..., Rollouts]  # generate_rollouts' positional arguments (engine/choose.py)
+    reporter: Reporter | None  # TensorBoard / W&B, main process only
+    step: int = 0
+    replicas: Replicas | None = None  # set under `accelerate launch` with several processes
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return (POLICY, EMA) if self.config.algo == "popo" else (POLICY,)
+
+    @property
+    def is_main(self) -> bool:
+        """The process that writes files (the only one, unless launched data-parallel)."""
+        return self.replicas is None or self.replicas.is_main
+
+    def last_checkpoint(self) -> Path | None:
+        return latest_checkpoint(self.run_dir / "checkpoints")
+
+
+def _load_data(config: Config) -> tuple[list[Problem], dict[str, list[Problem]]]:
+    """Training problems and evaluation benchmarks, before the model: a bad name fails in seconds."""
+    problems = load_problems(
+        config.dataset,
+        problem_field=config.problem_field,
+        answer_field=config.answer_field,
+        split=config.dataset_split,
+        levels=tuple(config.levels) if config.levels else None,
+    )
+    if len(problems) < config.prompts_per_step:
+        raise ConfigError(
+            f"dataset {config.dataset!r} has {len(problems)} problems, fewer than "
+            f"prompts_per_step={config.prompts_per_step}"
+        )
+    eval_problems = {}
+    if config.eval_every:  # local files use the training set's field names
+        eval_problems = load_benchmarks(
+            config.eval_benchmarks,
+            limit=config.eval_limit,
+            problem_field=config.problem_field,
+            answer_field=config.answer_field,
+        )
+    return problems, eval_problems
+
+
+def prepare(config: Config, resume: bool = False) -> Session:
+    """Check the data, create the run directory, load the model, restore the last checkpoint on resume."""
+    check_reporters(config.report_to)  # a missing tensorboard/wandb fails before the long load
+    replicas = start_replicas(config)  # None on one process
+    problems, eval_problems = _load_data(config)
+    if replicas is None:
+        run_dir = run_directory(config, resume)
+    else:  # one name for all processes (a default name carries the main process's clock)
+        run_dir = replicas.main_first(lambda: run_directory(config, resume))
+    seed_everything(config.seed)
+    model, tokenizer, device = load_policy(
+        replace(config, device=str(replicas.device)) if replicas else config,
+        check_tokenizer=lambda tok: format_prompt(problems[0].problem, config.prompt_template, tok),
+    )
+    is_main = replicas is None or replicas.is_main
+    if is_main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)  # only once the model has loaded
+        config.save(run_dir / "config.yaml")
+    predictor = None
+    if config.algo == "popo":
+        predictor = Predictor(model.get_base_model().config.hidden_size, config.predictor_dim).to(device)
+    if replicas is not None:  # DDP broadcasts the main process's policy and predictor here
+        replicas.wrap(PolicyForward(model, predictor if config.alpha > 0 else None))
+    ema_reset(model)
+    policy_parameters = [p for p in model.parameters() if p.requires_grad]
+    trainable = policy_parameters + (list(predictor.parameters()) if predictor is not None else [])
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    session = Session(
+        config=config,
+        run_dir=run_dir,
+        problems=problems,
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        predictor=predictor,
+        policy_parameters=policy_parameters,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config)),
+        sampler=PromptSampler(len(problems), config.seed),
+        generator=torch.Generator().manual_seed(config.seed),
+        eval_problems=eval_problems,
+        generate=rollout_engine(config, run_dir, replicas.rank if replicas else 0),
+        reporter=None,
+        replicas=replicas,
+    )
+    if resume and (last := session.last_checkpoint()) is not None:
+        state = load_checkpoint(last, model, predictor, optimizer, session.scheduler, session.adapters)
+        session.step = state["step"]
+        session.sampler.load_state_dict(state["sampler"])
+        session.generator.set_state(state["noise_generator"])
+    if is_main:
+        for name in ("metrics.jsonl", "rollouts.jsonl"):
+            truncate_jsonl(run_dir / name, session.step)
+        session.reporter = Reporter(config, run_dir, first_step=session.step)
+    return session
