@@ -10,26 +10,36 @@ forwards from `logprobs.completion_stats`. Override points, in step order:
   the generation batch, and adds `popo_weights` / `popo_positive` to the batch it buffers.
 - `compute_loss` runs the policy forward, the EMA forward (`ema_forward`, no gradient), the predictor and
   noise, and returns `popo_loss / gradient_accumulation_steps` (TRL's `loss_is_scaled_for_ga` contract).
-- `create_optimizer` adds the predictor as a param group; `_clip_grad_norm` clips adapter and predictor
-  together; `EMAUpdateCallback.on_step_end` applies `xi <- tau xi + (1 - tau) theta` once per optimizer step.
+- `create_optimizer` adds the predictor as a param group (Trainer's clipping covers the model's parameters
+  only, so the predictor is not clipped, as in the reference); `EMAUpdateCallback.on_step_end` applies
+  `xi <- tau xi + (1 - tau) theta` once per optimizer step.
 - `_save_checkpoint` / `_load_optimizer_and_scheduler` add `popo_state.pt` (predictor, EMA shadow, noise RNG).
 
-How this differs from popo_lite's own trainer (`updates.popo_update`):
+How this differs from popo_lite's own trainer (`updates.popo_update`); docs/algorithm.md section 7 lists
+how that trainer differs from the reference:
 
-1. Micro-batches. TRL shuffles the generation batch (`per_device_train_batch_size * steps_per_generation`
-   completions) and cuts it into `per_device_train_batch_size` rows per micro-batch; each loss is divided by
-   `gradient_accumulation_steps`. Ours keeps row order and divides by the number of micro-batches. Weights are
-   per prompt group and computed before the shuffle in both, so only the entropy term's token averaging (per
-   micro-batch) can differ.
-2. Forwards. The weights and the loss use `completion_stats` (positions that skip left padding, as `generate`
+1. Micro-batch composition. TRL shuffles the generation batch (`per_device_train_batch_size *
+   steps_per_generation` completions) its own way and cuts it into `per_device_train_batch_size`
+   rows per micro-batch; ours shuffles with its own seeded permutation (`shuffle_micro_batches`) into
+   `micro_batch_size` rows. Weights are per prompt group and computed before the shuffle in both, but the
+   NLL (over the micro-batch's positive tokens), the similarity penalty (over its weights) and the entropy
+   bonus (over its tokens) are each normalised per micro-batch, so a different split gives a different
+   gradient. TRL divides each loss by `gradient_accumulation_steps`, ours by the number of micro-batches.
+2. Empty micro-batches and steps. A micro-batch with no positive returns a leaf zero (no forward), so on a
+   step with no positive at all no adapter gets a gradient and AdamW leaves it alone (no moment decay, no
+   weight decay); ours gives the policy adapter zero gradients and steps, as the reference does.
+3. Clipping: the same in both. Trainer clips the model's parameters (the adapter) and not the predictor,
+   as the reference does.
+4. Forwards. The weights and the loss use `completion_stats` (positions that skip left padding, as `generate`
    uses), not TRL's fused LM head or `old_per_token_logps`. Prompts stay padded to the generation batch's
    longest (ours trims per micro-batch): equal up to float rounding.
-3. Rewards. Positives are `sum_k reward_weights[k] * r_k > popo_reward_threshold` over TRL's reward functions
-   (a completion no function scored counts 0). TRL still computes and logs GRPO advantages; POPO ignores them,
-   so the "advantage" column of TRL's completion logs is GRPO's, not a POPO weight.
-4. Adapters. TRL's `peft_config` names the policy adapter "default"; the trainer adds "ema" (fp32) on the same
+5. Rewards. Positives are `sum_k reward_weights[k] * r_k > popo_reward_threshold` over TRL's reward functions
+   (a completion no function scored counts 0), and a positive with no completion token (TRL's
+   `mask_truncated_completions`) is not one. TRL still computes and logs GRPO advantages; POPO ignores
+   them, so the "advantage" column of TRL's completion logs is GRPO's, not a POPO weight.
+6. Adapters. TRL's `peft_config` names the policy adapter "default"; the trainer adds "ema" (fp32) on the same
    base. With a 4-bit base TRL keeps the policy adapter in bf16 (ours: fp32). AdamW uses TRL's decay grouping.
-5. Unsupported, rejected with a message: `num_iterations > 1` or generation batches reused across optimizer
+7. Unsupported, rejected with a message: `num_iterations > 1` or generation batches reused across optimizer
    steps (POPO has no ratio to correct stale samples), `beta != 0` (the similarity penalty replaces the KL),
    TRL's entropy bonus / entropy mask / off-policy mask (use `popo_beta_entropy`), vLLM (its weight sync
    merges adapters and samples from another engine), more than one process (`completion_stats` bypasses the
@@ -75,10 +85,10 @@ class EMAUpdateCallback(TrainerCallback):
 
 @dataclass
 class POPOConfig(GRPOConfig):
-    """`GRPOConfig` plus POPO's fields (POPO_SPEC.md section 1); defaults are the reference code's."""
+    """`GRPOConfig` plus POPO's fields (docs/algorithm.md section 1); defaults are the reference code's."""
 
     popo_alpha: float = field(
-        default=0.1, metadata={"help": "Weight of the similarity penalty (POPO_SPEC 1.5)."}
+        default=0.1, metadata={"help": "Weight of the similarity penalty (docs/algorithm.md 1.5.2)."}
     )
     popo_beta_entropy: float = field(
         default=0.01, metadata={"help": "Weight of the entropy bonus; replaces TRL's `entropy_coef`."}
@@ -185,7 +195,7 @@ class POPOTrainer(GRPOTrainer):
             peft_model.add_adapter(EMA, copy.deepcopy(peft_model.peft_config[policy]))
         for name, param in peft_model.named_parameters():
             if f".{EMA}." in name:
-                # fp32 shadow: (1 - tau) * delta underflows in bf16 at tau = 0.999 (POPO_SPEC section 2).
+                # fp32 shadow: (1 - tau) * delta underflows in bf16 at tau = 0.999 (docs/algorithm.md 2.2).
                 param.data = param.data.float()
         peft_model.set_adapter(policy)  # also makes the policy trainable and the EMA frozen again
         keep_nf4_layers_trainable(peft_model)  # a QLoRA model on an AVX512-BF16 CPU (see the function)
@@ -280,7 +290,7 @@ class POPOTrainer(GRPOTrainer):
         if args.popo_entropy_over == "positives" or args.popo_beta_entropy == 0:
             rows = rows[positive]  # only positives reach the loss then: skip the others' forward
         if not positive.any():
-            # The spec's loss is exactly zero here, entropy skipped too (POPO_SPEC 1, edge cases); like our
+            # The reference's loss is exactly zero here, entropy skipped too (docs/algorithm.md 1.9); like our
             # trainer, no forward: a leaf zero lets Trainer's backward run and leaves all gradients untouched.
             return torch.zeros((), device=device, requires_grad=True)
         batch, positive = _take(inputs, rows), positive[rows]
@@ -295,7 +305,7 @@ class POPOTrainer(GRPOTrainer):
                 target[positive] = self._score(
                     peft_model, _take(batch, positive), with_features=True
                 ).features
-            with torch.autocast(device.type, enabled=False):  # the predictor is fp32 (POPO_SPEC 1.5)
+            with torch.autocast(device.type, enabled=False):  # fp32 predictor (docs/algorithm.md 1.5.2)
                 predicted = self.predictor(stats.features)
             if mode == "train":  # noise in training only
                 noise = (
@@ -328,11 +338,6 @@ class POPOTrainer(GRPOTrainer):
             group = {"params": list(self.predictor.parameters()), "weight_decay": self.args.weight_decay}
             optimizer.add_param_group(group)
         return optimizer
-
-    def _clip_grad_norm(self, model):
-        # Trainer clips model.parameters() only; our trainer clips adapter and predictor together.
-        params = [*model.parameters(), *self.predictor.parameters()]
-        return self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)

@@ -1,4 +1,4 @@
-"""Hand-computed checks of the POPO and GRPO objectives (STYLE.md tier 1): small tensors, numbers by hand."""
+"""Hand-computed checks of the POPO and GRPO objectives: small tensors, numbers by hand."""
 
 import math
 
@@ -110,7 +110,8 @@ def test_weighted_nll_without_positives_is_zero_and_connected():
 
 @pytest.mark.parametrize("draws", [1, 3])
 def test_sequence_weighted_nll_gradient_equals_minus_grad_log_positive_mass(draws):
-    # POPO_SPEC 5 on a toy: a "sequence" is `draws` independent draws from categoricals over logits z.
+    # docs/algorithm.md section 5.1 on a toy: a "sequence" is `draws` independent draws from
+    # categoricals over logits z.
     torch.manual_seed(draws)
     z = torch.randn(draws, 5, requires_grad=True)
     logp = torch.log_softmax(z, dim=-1)  # (T, V)
@@ -119,7 +120,7 @@ def test_sequence_weighted_nll_gradient_equals_minus_grad_log_positive_mass(draw
     seq_lp = token_lp.sum(dim=-1)  # log p(y)
     w = popo_weights(token_lp.mean(-1)[None], seq_lp[None], torch.ones(1, 3), mode="sequence")[0]
     loss, _ = weighted_nll(token_lp, torch.ones_like(token_lp), w, torch.ones(3, dtype=torch.bool))
-    # * numel undoes weighted_nll's token-count normaliser, leaving the sequence-level NLL of POPO_SPEC 5
+    # * numel undoes weighted_nll's token-count normaliser, leaving the sequence-level NLL of section 5.1
     (grad_popo,) = torch.autograd.grad(loss * token_lp.numel(), z, retain_graph=True)
     (grad_log_z,) = torch.autograd.grad(-torch.logsumexp(seq_lp, dim=0), z)
     assert torch.allclose(grad_popo, grad_log_z, atol=1e-6)

@@ -165,7 +165,7 @@ def test_job_runs_in_its_own_session_and_survives_its_launcher(tmp_path):
 def test_stop_ends_the_job_frees_the_slot_and_marks_the_run_stopped(sleeper_job):
     root, pid = sleeper_job
     assert "stopped training" in jobs.stop_run(root, "busy")
-    assert _wait_dead(pid) and jobs.active_jobs(root) == []
+    assert _wait_dead(pid) and job_slot.active_jobs(root) == []
     assert jobs.progress(root, "busy").state == "stopped"
     assert "no active job" in jobs.stop_run(root, "busy")
 
@@ -201,8 +201,6 @@ def test_evaluation_refuses_paths_and_names_outside_the_run(tmp_path):
     run_dir = _make_run(root, "r")
     (run_dir / "checkpoints" / "step-000001" / "ema").mkdir(parents=True)
     (run_dir / "checkpoints" / "step-000001" / "ema" / "adapter_config.json").write_text("{}")
-    if not jobs.evaluate_available():
-        pytest.skip("popo_lite.evaluate is not in this checkout")
     for checkpoint, adapter, benchmarks in [
         ("../../..", "ema", "gsm8k_test"),
         ("step-000001", "../ema", "gsm8k_test"),
@@ -213,7 +211,7 @@ def test_evaluation_refuses_paths_and_names_outside_the_run(tmp_path):
             jobs.launch_evaluation(root, "r", checkpoint, adapter, benchmarks, 2)
     with pytest.raises(RunsError):
         jobs.evaluation_result(root, "r", "../../r")
-    assert jobs.active_jobs(root) == []
+    assert job_slot.active_jobs(root) == []
 
 
 def test_rollout_view_escapes_model_output_and_colours_tokens_when_logged(tmp_path):

@@ -2,7 +2,7 @@
 
 Logits are never held as B x T x V in fp32 at once: the vocabulary projection, log-softmax and
 entropy run in chunks of completion positions, each under activation checkpointing, so backward
-recomputes one chunk's logits at a time (MEASURED.md section 1: full fp32 logits dominate memory).
+recomputes one chunk's logits at a time (docs/measurements.md section 1.3: full fp32 logits dominate memory).
 """
 
 from __future__ import annotations

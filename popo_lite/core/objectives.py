@@ -7,21 +7,21 @@ How POPO differs from GRPO (both train on the same rollouts and the same binary 
 
 1. Which rollouts carry gradient. GRPO trains every rollout with a group-normalised advantage, pushing
    failures down explicitly. POPO trains only the positive set ``S+ = {y : r > threshold}``; failures
-   get no NLL gradient at all (POPO_SPEC 1.3, 1.5, 4).
+   get no NLL gradient at all (docs/algorithm.md sections 1.3, 1.5, 4).
 2. How rollouts are weighted. GRPO: ``A = (r - mean) / (std + eps)``, unbounded and signed. POPO: bounded,
    self-normalised weights over ``S+``, ``w = softmax(mean token log-prob / T_w)``, computed without
-   gradient; in [0, 1] and summing to 1 in each group with a positive (POPO_SPEC 1.4).
+   gradient; in [0, 1] and summing to 1 in each group with a positive (section 1.4).
 3. No ratio, no clipping. GRPO uses ``rho = pi / pi_old`` clipped to ``[1 - eps, 1 + eps]``; POPO has
-   neither: its weights come from the policy that sampled, and the loss is a weighted NLL (POPO_SPEC 1.4).
+   neither: its weights come from the policy that sampled, and the loss is a weighted NLL (section 1.4).
 4. The regulariser. GRPO adds ``beta * KL_k3(pi || pi_ref)`` to the frozen base. POPO replaces it with a
    bounded similarity penalty, ``-cos(h_phi(f_theta(y)), stopgrad(f_xi(y) + noise))`` against an EMA
-   (siamese) branch, in ``[-alpha, alpha]`` (POPO_SPEC 1.5, 1.6); KL to the EMA is monitored only (1.7).
+   (siamese) branch, in ``[-alpha, alpha]`` (sections 1.5.2, 1.7); KL to the EMA is monitored only (1.8).
 5. An entropy bonus over ALL completion tokens, negatives included: the only place negatives touch
-   POPO's gradient in the reference code (POPO_SPEC 1.5).
+   POPO's gradient in the reference code (section 1.5.3).
 6. Degenerate groups. All-correct groups are trained by POPO (w ~ 1/G) and ignored by GRPO (A = 0);
-   all-wrong groups give nothing to either (POPO_SPEC 1, edge cases).
+   all-wrong groups give nothing to either (section 1.9).
 7. The negative gradient is implicit: with ``sequence`` weights the NLL's gradient is ``-grad log Z+``,
-   ``Z+ = sum_{S+} pi(y|x)``, so mass moves from every non-success, sampled or not (POPO_SPEC 5).
+   ``Z+ = sum_{S+} pi(y|x)``, so mass moves from every non-success, sampled or not (section 5.1).
 """
 
 import torch
@@ -40,7 +40,7 @@ def _masked_sum(values: Tensor, mask: Tensor) -> Tensor:
 
 def _connected_zero(*tensors: Tensor | None) -> Tensor:
     # A zero that still reaches every input's graph, so backward runs and gives zero grads
-    # (POPO_SPEC 1, edge cases: distributed ranks stay in step).
+    # (docs/algorithm.md section 1.9: distributed ranks stay in step).
     return sum(0.0 * t.sum() for t in tensors if t is not None)
 
 
@@ -53,11 +53,11 @@ def popo_weights(
     temperature: float = 1.0,
     reward_threshold: float = 0.0,
 ) -> Tensor:
-    """Per-group weights over the positive set (POPO_SPEC 1.4), without gradient.
+    """Per-group weights over the positive set, without gradient (docs/algorithm.md section 1.4).
 
     Inputs are (B, G): mean and sum of each rollout's completion-token log-probs, and its reward.
     ``softmax``: softmax over positives of ``mean_logprobs / temperature`` (reference code, default).
-    ``sequence``: softmax over positives of ``sum_logprobs / temperature``, i.e. ``pi(y|x) / Z+`` (section 5).
+    ``sequence``: softmax over positives of ``sum_logprobs / temperature``, i.e. ``pi(y|x) / Z+`` (5.1).
     ``uniform``: ``1 / |S+|``. Non-positives get 0; a group with no positive is all 0.
     Returns (B, G) float32 weights in [0, 1] summing to 1 over each group that has a positive.
     """
@@ -81,7 +81,7 @@ def popo_weights(
 def weighted_nll(
     token_logprobs: Tensor, completion_mask: Tensor, weights: Tensor, positive: Tensor
 ) -> tuple[Tensor, dict[str, float]]:
-    """Weighted token NLL over positives (POPO_SPEC 1.5).
+    """Weighted token NLL over positives (docs/algorithm.md section 1.5.1).
 
     ``L = sum_i sum_t w_i * (-logp_i,t) * m_i,t / (completion tokens of positive sequences here)``.
     token_logprobs, completion_mask: (N, T); weights: (N,), treated as constants; positive: (N,) bool.
@@ -100,7 +100,7 @@ def weighted_nll(
 def similarity_penalty(
     predicted: Tensor, target: Tensor, weights: Tensor, noise: Tensor | None = None
 ) -> tuple[Tensor, dict[str, float]]:
-    """Bounded similarity penalty against the EMA branch (POPO_SPEC 1.5), in [-1, 1].
+    """Bounded similarity penalty against the EMA branch (docs/algorithm.md section 1.5.2), in [-1, 1].
 
     ``L = - sum_i w_i * cos(predicted_i, stopgrad(target_i + noise_i)) / sum_i w_i``.
     predicted: (N, H) = h_phi(f_theta(y)), with gradient; target: (N, H) = f_xi(y); noise: (N, H) or None
@@ -144,13 +144,13 @@ def popo_loss(
     beta_entropy: float = 0.01,
     entropy_over: str = "all",
 ) -> tuple[Tensor, dict[str, float]]:
-    """POPO micro-batch loss ``L = L_nll + alpha * L_sim + beta_entropy * L_ent`` (POPO_SPEC 1.5).
+    """POPO micro-batch loss ``L = L_nll + alpha * L_sim + beta_entropy * L_ent`` (docs/algorithm.md 1.5.4).
 
     token_logprobs, token_entropy, completion_mask: (N, T); weights (N,) from ``popo_weights``;
     positive (N,) bool; predicted, target, noise (N, H), may be None when alpha == 0; token_entropy may be
     None when beta_entropy == 0. ``entropy_over="all"`` (reference) averages entropy over every completion
     token, negatives included; ``"positives"`` over positive sequences' tokens only. A micro-batch with no
-    positive gives a zero loss still connected to the graph, entropy skipped too (POPO_SPEC 1, edge cases).
+    positive gives a zero loss still connected to the graph, entropy skipped too (section 1.9).
     Gradient-accumulation scaling is the caller's.
     """
     if entropy_over not in ENTROPY_OVER:
@@ -203,7 +203,7 @@ def kl_k3(token_logprobs: Tensor, ref_logprobs: Tensor, completion_mask: Tensor)
 
 
 def grpo_advantages(rewards: Tensor, eps: float = 1e-4) -> Tensor:
-    """Group-normalised advantages (POPO_SPEC 4): (B, G) -> (B, G).
+    """Group-normalised advantages (docs/algorithm.md section 4.1): (B, G) -> (B, G).
 
     ``A = (r - mean_group) / (std_group + eps)`` with the UNBIASED std (divides by G - 1), as TRL does
     via ``torch.std``'s default. Groups whose rewards are all equal give exactly 0 (no float residue).
@@ -227,7 +227,7 @@ def grpo_loss(
     beta: float = 0.01,
     normalization: str = "sequence",
 ) -> tuple[Tensor, dict[str, float]]:
-    """Clipped-ratio GRPO loss (POPO_SPEC 4).
+    """Clipped-ratio GRPO loss (docs/algorithm.md sections 4.2-4.4).
 
     token_logprobs, old_logprobs, completion_mask, ref_logprobs: (N, T); advantages: (N,).
     Per token: ``-min(rho * A, clip(rho, 1 - eps, 1 + eps) * A)`` with ``rho = exp(logp - old)`` (= 1

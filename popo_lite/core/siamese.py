@@ -1,7 +1,7 @@
 """The siamese branch: an fp32 EMA of the policy's LoRA tensors, living as adapter "ema" on the same base.
 
 With a frozen base, an EMA over all parameters equals an EMA over the adapter parameters, so this is
-exact (POPO_SPEC.md section 2). As in the reference, the LoRA factors A and B are averaged separately:
+exact (docs/algorithm.md section 2.1). As in the reference, the LoRA factors A and B are averaged separately:
 EMA(B) @ EMA(A) is not EMA(B @ A).
 """
 
@@ -48,8 +48,8 @@ def ema_update(model: nn.Module, tau: float, policy: str = POLICY) -> None:
 def ema_forward(model) -> Iterator[None]:
     """Run forwards through the EMA adapter, then restore the active adapter and every requires_grad flag.
 
-    peft's `set_adapter` makes the adapter it activates trainable and the others frozen (measured trap,
-    POPO_SPEC.md section 2); without this restore the policy would silently stop training.
+    peft's `set_adapter` makes the adapter it activates trainable and the others frozen (docs/algorithm.md
+    section 2.4); without this restore the policy would silently stop training.
     """
     previous = model.active_adapter
     flags = {name: param.requires_grad for name, param in model.named_parameters()}
@@ -65,7 +65,7 @@ def ema_forward(model) -> Iterator[None]:
 class Predictor(nn.Module):
     """BYOL-style predictor h_phi on the online side: Linear(H, d) -> LayerNorm(d) -> ReLU -> Linear(d, H).
 
-    fp32, Xavier-uniform weights and zero biases (POPO_SPEC.md section 1, step 5).
+    fp32, Xavier-uniform weights and zero biases (docs/algorithm.md section 1.5.2).
     """
 
     def __init__(self, hidden_size: int, width: int) -> None:

@@ -168,7 +168,7 @@ EVAL_BENCHMARKS = ("aime24", "aime25", "amc23", "math500", "minerva_math", "olym
 
 def arithmetic_rows(split: str = "train", seed: int = 1234) -> list[Row]:
     """Synthetic "What is a + b?" (a in 10..99, b in 1..9) for the embedded tiny model, which learns it
-    within a dozen steps (MEASURED.md section 3). 200 of the 810 (a, b) pairs are held out for
+    within a dozen steps (docs/measurements.md section 2.4). 200 of the 810 (a, b) pairs are held out for
     split="test"; train draws 5,000 problems, with repeats, from the other 610. Deterministic."""
     pairs = [(a, b) for a in range(10, 100) for b in range(1, 10)]
     rng = random.Random(seed)
@@ -310,7 +310,7 @@ TEMPLATES = ("qwen_math", "chat", "plain")
 def format_prompt(problem: str, template: str, tokenizer: Any = None) -> str:
     """The prompt text for one problem.
 
-    "qwen_math" is the ChatML prompt of the paper's runs (POPO_SPEC.md section 3), right for the
+    "qwen_math" is the ChatML prompt of the paper's runs (docs/algorithm.md section 3.1), right for the
     Qwen2.5-Math models; "chat" uses the tokenizer's own chat template (instruct models); "plain" is for
     base models without one. All ask for `\\boxed{}`, which the reward reads first.
     """

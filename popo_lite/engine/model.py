@@ -63,9 +63,9 @@ def embedded_gguf_path() -> Path:
 def materialise_gguf(gguf_path: Path) -> Path:
     """Dequantise a GGUF file once into a plain safetensors folder under the cache and return it.
 
-    Loading a GGUF takes about 40 s on 2 cores and cannot be quantised to NF4 or saved directly; the
+    Loading a GGUF takes 30-40 s on 2 cores and cannot be quantised to NF4 or saved directly; the
     converted fp32 folder reloads in about 3 s and loads with a BitsAndBytesConfig like any other
-    (MEASURED.md section 3).
+    (docs/measurements.md section 2.1).
     """
     target = cache_dir() / "gguf" / gguf_path.stem
     if (target / "config.json").is_file() and (target / "COMPLETE").is_file():

@@ -73,8 +73,8 @@ def _compilable(model) -> Iterator[None]:
 
     transformers 5.24 compiles only if the model's quantiser says it can, and its bitsandbytes quantiser
     inherits "no" (`HfQuantizer.is_compileable`). Its NF4 layers are plain bnb `Linear4bit`s, which
-    decoded 1.6x faster compiled with a static cache (MEASURED.md section 1, a hand-built NF4 model that
-    had no quantiser attached to veto it).
+    decoded 1.6x faster compiled with a static cache (docs/measurements.md section 1.4, a hand-built NF4
+    model that had no quantiser attached to veto it).
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     quantizer = getattr(base, "hf_quantizer", None)

@@ -5,7 +5,7 @@
 panel call with the model they already hold: the ACTIVE adapter is evaluated (wrap the call in
 `siamese.ema_forward(model)` to evaluate the EMA adapter).
 
-How it follows the reference protocol (POPO_SPEC.md section 3), and where it departs:
+How it follows the reference protocol (docs/algorithm.md section 3.2), and where it departs:
 
 1. Greedy pass@1 is the default (temperature 0); `--preset reference` samples at temperature 0.7,
    top_p 0.95, up to 4096 new tokens with the qwen_math prompt, but n = 16 rather than 128 by default:

@@ -4,7 +4,7 @@ With n samples per problem of which c are correct, the chance that k samples dra
 from those n contain a correct one is pass@k = 1 - C(n - c, k) / C(n, k) (Chen et al. 2021, "Evaluating
 Large Language Models Trained on Code", section 2.1); the benchmark's pass@k is its mean over problems.
 avg@n is the mean correctness over all samples, which equals the unbiased pass@1. Both are what the POPO
-reference reports (POPO_SPEC.md section 3). Pure functions of integers: no model, no files.
+reference reports (docs/algorithm.md section 3.2). Pure functions of integers: no model, no files.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Why it is shaped as it is:
 
 1. A job runs in its own process group (`start_new_session=True`), output to a log file in its run
    directory, so a reloaded page or a stopped panel never kills it, and math-verify's `signal.alarm`
-   timeouts run on that process's main thread, never on a UI worker thread (MEASURED.md section 3).
+   timeouts run on that process's main thread, never on a UI worker thread (docs/measurements.md section 3.2).
 2. A new run is created here (config.yaml written) and started as `popo_lite.train --resume`: the
    trainer finds no checkpoint and starts at step 0, and the log lives in the run directory from its
    first byte (a plain start refuses a run directory that already holds a file).
@@ -14,7 +14,6 @@ Why it is shaped as it is:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -163,11 +162,6 @@ def stop_run(root: str | Path, name: str, grace_s: float = 10.0) -> str:
 EVALUATE_MODULE = "popo_lite.evaluate"
 
 
-def evaluate_available() -> bool:
-    """Whether this checkout has the evaluation CLI (`python -m popo_lite.evaluate`)."""
-    return importlib.util.find_spec(EVALUATE_MODULE) is not None
-
-
 def launch_evaluation(
     root: str | Path,
     name: str,
@@ -184,8 +178,6 @@ def launch_evaluation(
     --qlora and the prompt template from the adapter's run. The job holds the run's GPU slot like
     training does: both at once need not fit on the card.
     """
-    if not evaluate_available():
-        raise RunsError(f"{EVALUATE_MODULE} is not in this checkout yet: evaluation cannot run")
     root = Path(root).resolve()
     run_dir = run_path(root, name)
     if adapter not in ("policy", "ema"):

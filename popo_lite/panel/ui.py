@@ -28,6 +28,7 @@ from popo_lite.panel.views import (
     render_progress,
     render_rollouts,
 )
+from popo_lite.training.job_slot import active_jobs
 from popo_lite.training.runs import (
     FILTERS,
     RunsError,
@@ -123,7 +124,7 @@ def resume_run(root: Path, name: str) -> str:
 
 def stop_job(root: Path, name: str) -> str:
     """Stop the job of the run named in the box, or the only active job when the box is empty."""
-    active = jobs.active_jobs(root)
+    active = active_jobs(root)
     name = (name or "").strip() or (active[0]["run"] if len(active) == 1 else "")
     if not name:
         return "No run named, and not exactly one active job: name the run to stop."
@@ -134,7 +135,7 @@ def stop_job(root: Path, name: str) -> str:
 
 
 def jobs_line(root: Path) -> str:
-    active = jobs.active_jobs(root)
+    active = active_jobs(root)
     if not active:
         return "No job running from this panel."
     return " · ".join(
@@ -154,7 +155,7 @@ def refresh_runs(root: Path, known: list[str]) -> tuple:
 def newest_runs(root: Path) -> tuple:
     """On page load: every picker offers today's runs, set to the active run (else the newest one)."""
     runs = list_runs(root)
-    active = [job["run"] for job in jobs.active_jobs(root) if job.get("run") in runs]
+    active = [job["run"] for job in active_jobs(root) if job.get("run") in runs]
     first = (active or runs or [None])[0]
     pick = [first] if first else []
     return (gr.update(choices=runs, value=pick), gr.update(choices=runs, value=first),
@@ -339,11 +340,8 @@ def build_panel(root: str | Path, configs: str | Path) -> gr.Blocks:
                     reload = gr.Button("Reload steps")
                 inspector = gr.HTML(elem_id="rollout-view")
             with gr.Tab("Evaluate", id="evaluate") as evaluate_tab:
-                available = jobs.evaluate_available()
                 gr.Markdown(
-                    "Runs `python -m popo_lite.evaluate` on a checkpoint's adapter as its own process."
-                    if available
-                    else "**Evaluation is not available yet:** `popo_lite.evaluate` is not in this checkout.",
+                    "Runs `python -m popo_lite.evaluate` on a checkpoint's adapter as its own process.",
                     elem_id="evaluate-notice",
                 )
                 with gr.Row():
@@ -353,7 +351,7 @@ def build_panel(root: str | Path, configs: str | Path) -> gr.Blocks:
                     benchmarks = gr.Textbox("math500,gsm8k_test", label="Benchmarks (comma-separated)")
                     limit = gr.Number(20, precision=0, minimum=1, label="Problems per benchmark")
                     tokens = gr.Number(1024, precision=0, minimum=1, label="Max new tokens")
-                evaluate = gr.Button("Evaluate", variant="primary", interactive=available)
+                evaluate = gr.Button("Evaluate", variant="primary")
                 evaluation_message = gr.Markdown()
                 evaluation = gr.Dropdown([], label="Evaluation")
                 results = gr.Markdown(elem_id="evaluation-results")
