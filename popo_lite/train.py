@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if main_process and record:
-        print(f"run directory: {record['run_dir']}")
+        from popo_lite.training.summary import render_summary, run_summary
+
+        print(render_summary(run_summary(record["run_dir"])))
     elif main_process:
         print(f"nothing to do: the run already has {config.steps} steps")
     return 0

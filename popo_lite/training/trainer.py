@@ -23,7 +23,7 @@ from popo_lite.core.updates import NonFiniteLoss, Update, grpo_update, kl_policy
 from popo_lite.data.problems import Problem, format_prompt
 from popo_lite.engine.rollouts import Rollouts
 from popo_lite.training.failures import out_of_memory_advice
-from popo_lite.training.records import PhaseTimer, StepResult, step_record
+from popo_lite.training.records import PhaseTimer, StepResult, evaluate_during_training, step_record
 from popo_lite.training.run_files import write_step
 from popo_lite.training.session import Session, prepare
 
@@ -34,7 +34,13 @@ def train(config: Config, resume: bool = False) -> Iterator[dict]:
 
 
 def run(session: Session) -> Iterator[dict]:
-    """Advance `session` to `config.steps`, one optimizer step (and one yielded record) at a time."""
+    """Advance `session` to `config.steps`, one optimizer step (and one yielded record) at a time.
+
+    With `eval_every`, a fresh run first evaluates the untrained policy (`eval/step-000000.json`), so the
+    summary can say held-out accuracy before -> after.
+    """
+    if session.step == 0 and session.config.eval_every and session.is_main:
+        evaluate_during_training(session)
     try:
         while session.step < session.config.steps:
             yield step(session)
