@@ -1,12 +1,13 @@
-# The two commands of the README:
+# The commands of the README:
 #   make train   set up (first time) and train the embedded default model with POPO, offline, CPU or GPU
 #   make test    set up (first time) and run the test suite, offline, on the CPU
+#   make test-fast   the same without the tests marked slow (subprocess runs, browser, notebook, ...)
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test lint clean
+.PHONY: setup train test test-fast lint clean
 
 setup: $(STAMP)
 
@@ -24,6 +25,9 @@ train: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check popo_lite tests app.py bench

@@ -59,6 +59,7 @@ def _errors(result: subprocess.CompletedProcess) -> str:
     return "\n".join(line for line in lines if not line.startswith(("W1", "Writing")))[-4000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "packing",
     [
@@ -100,6 +101,7 @@ def test_two_processes_hold_identical_adapters_ema_and_predictor(tiny_config, tm
     assert (run_dir / "checkpoints" / "step-000002" / "COMPLETE").is_file()
 
 
+@pytest.mark.slow
 def test_two_processes_average_to_the_single_process_gradient(tiny_config, tmp_path):
     """Sharded by whole groups, with a zero-positive micro-batch on one process: the all-reduced gradient
     equals one process's gradient over all groups (POPO weights are per group, so nothing is lost)."""
@@ -124,6 +126,7 @@ def test_two_processes_average_to_the_single_process_gradient(tiny_config, tmp_p
     assert any(grad.abs().sum() > 0 for name, grad in single.items() if ".policy." in name)
 
 
+@pytest.mark.slow
 def test_accelerate_launch_of_the_cli_trains_grpo_and_resumes(tiny_cli_args, tmp_path):
     options = [*tiny_cli_args, "--algo", "grpo", "--prompts_per_step", "2", "--rollouts_per_prompt", "4"]
     options += ["--lora_rank", "2", "--output_dir", str(tmp_path / "runs"), "--run_name", "ddp"]

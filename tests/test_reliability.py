@@ -115,6 +115,7 @@ def _metrics(path: Path) -> list[dict]:
     ]
 
 
+@pytest.mark.slow
 def test_sigkilled_run_resumes_and_matches_an_uninterrupted_run(tiny_cli_args, tmp_path):
     common = [
         *tiny_cli_args,

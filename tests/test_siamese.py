@@ -73,18 +73,25 @@ def test_ema_forward_restores_flags_even_when_the_forward_raises(policy_model):
     assert {name: p.requires_grad for name, p in policy_model.named_parameters()} == flags
 
 
-def test_ema_forward_uses_the_ema_weights(policy_model):
+def test_ema_forward_runs_the_ema_adapter_tensors_not_the_policy_or_the_base(policy_model):
     ids = torch.tensor([[3, 4, 5, 6]])
-    _randomise_policy(policy_model, torch.Generator().manual_seed(2))  # policy now differs from EMA
-    with torch.no_grad():
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # both adapters random (LoRA B non-zero) and different from each other
+        for policy, ema in adapter_pairs(policy_model):
+            policy.copy_(0.3 * torch.randn(policy.shape, generator=generator))
+            ema.copy_(0.3 * torch.randn(ema.shape, generator=generator))
         policy_logits = policy_model(input_ids=ids).logits
         with ema_forward(policy_model):
             ema_logits = policy_model(input_ids=ids).logits
-        ema_update(policy_model, 0.0)  # EMA := policy
-        with ema_forward(policy_model):
-            copied_logits = policy_model(input_ids=ids).logits
-    assert not torch.allclose(policy_logits, ema_logits)
-    torch.testing.assert_close(copied_logits, policy_logits)
+        with policy_model.disable_adapter():
+            base_logits = policy_model(input_ids=ids).logits
+        # the same model with the EMA tensors loaded into the policy adapter
+        for policy, ema in adapter_pairs(policy_model):
+            policy.copy_(ema)
+        policy_holding_ema_logits = policy_model(input_ids=ids).logits
+    assert not torch.allclose(ema_logits, policy_logits, atol=1e-3)
+    assert not torch.allclose(ema_logits, base_logits, atol=1e-3)
+    torch.testing.assert_close(ema_logits, policy_holding_ema_logits)
 
 
 def test_predictor_shape_init_and_dtype():

@@ -2,7 +2,7 @@
 
 Why this module is more than `verify(parse(gold), parse(completion))`:
 
-1. Reward hacking (measured, shared/MEASURED.md section 3). math-verify's default extraction scans the
+1. Reward hacking (measured, docs/measurements.md section 3.3). math-verify's default extraction scans the
    whole text, so a completion that merely restates the question ("... the equation 17 + 25.") verifies
    against 42, and `\\boxed{17+25}` verifies too. We therefore extract the model's final answer ourselves
    (`extract_final_answer`) and, when the gold is a plain number, reject answers that are unevaluated
@@ -18,6 +18,7 @@ Rewards are plain functions over lists of strings returning per-sample scores; n
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import logging
 import math
@@ -28,6 +29,9 @@ import subprocess
 import sys
 import threading
 import time
+import unicodedata
+from collections import Counter
+from fractions import Fraction
 
 logger = logging.getLogger(__name__)
 
@@ -44,14 +48,11 @@ _MARKED_RE = re.compile(
 )
 _NUMBER_RE = re.compile(r"(?<![\w)\]}.])-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|(?<![\w)\]}.])-?\d+(?:\.\d+)?")
 _WORD_RE = re.compile(r"(?<![\\a-zA-Z{])[a-zA-Z]{3,}")
-_PLAIN_NUMBER_RE = re.compile(r"[-+]?\d+(?:\.\d+)?")
-_UNIT_RE = re.compile(r"\\(?:text|textbf|mathrm|mbox|operatorname)\s*\{[^{}]*\}(?:\^\{?\d\}?)?")
-_ARITHMETIC_RE = re.compile(r"[\d)}]\s*(?:[-+*×÷^!]|\\times|\\cdot|\\div)|\\frac\{[^{}]*[-+*^]")
-_SCIENTIFIC_RE = re.compile(r"-?(?:\d+(?:\.\d+)?(?:\\times|\\cdot|\*|×))?10\^\{?-?\d+\}?")
 
 
-def _boxed_content(text: str, start: int) -> str | None:
-    """Content of the \\boxed{...} / \\fbox{...} / brace-less `\\boxed 2` whose command ends at `start`."""
+def _boxed_span(text: str, start: int) -> tuple[str, int] | None:
+    """(content, end) of the \\boxed{...} / \\fbox{...} / brace-less `\\boxed 2` whose command ends at
+    `start`; `end` is the index just past it."""
     i = start
     while i < len(text) and text[i] == " ":
         i += 1
@@ -59,7 +60,7 @@ def _boxed_content(text: str, start: int) -> str | None:
         return None
     if text[i] != "{":  # MATH has `$\boxed 2$`: the answer is the next token
         token = re.match(r"[^\s${}]+", text[i:])
-        return token.group(0).rstrip(".,;") if token else None
+        return (token.group(0).rstrip(".,;"), i + token.end()) if token else None
     depth = 0
     for j in range(i, min(len(text), i + _MAX_BOX_SCAN)):
         if text[j] == "{":
@@ -67,18 +68,30 @@ def _boxed_content(text: str, start: int) -> str | None:
         elif text[j] == "}":
             depth -= 1
             if depth == 0:
-                return text[i + 1 : j]
+                return text[i + 1 : j], j + 1
     return None  # unbalanced or absurdly long
+
+
+def _boxed_content(text: str, start: int) -> str | None:
+    """Content of the \\boxed{...} / \\fbox{...} / brace-less `\\boxed 2` whose command ends at `start`."""
+    span = _boxed_span(text, start)
+    return span[0] if span else None
+
+
+def _boxes(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, stripped content) of the last non-empty boxes (at most _MAX_CANDIDATES), in order."""
+    boxes = []
+    for match in list(_BOX_RE.finditer(text))[-_MAX_CANDIDATES:]:
+        span = _boxed_span(text, match.end())
+        if span and span[0].strip():
+            boxes.append((match.start(), span[1], span[0].strip()))
+    return boxes
 
 
 def last_boxed(text: str) -> str | None:
     """Content of the last non-empty \\boxed{} or \\fbox{} (balanced braces), or None."""
-    starts = [m.end() for m in _BOX_RE.finditer(text)]
-    for end in reversed(starts[-_MAX_CANDIDATES:]):
-        content = _boxed_content(text, end)
-        if content and content.strip():
-            return content.strip()
-    return None
+    boxes = _boxes(text)
+    return boxes[-1][2] if boxes else None
 
 
 def _clean_marked(answer: str) -> str:
@@ -112,22 +125,387 @@ def extract_final_answer(completion: str) -> str | None:
     return numbers[-1] if numbers else None
 
 
-def _is_plain_number(text: str) -> bool:
-    return _PLAIN_NUMBER_RE.fullmatch(re.sub(r"\{,\}|,|\s|\$", "", text)) is not None
+# ---- what an answer says, up to LaTeX formatting: normal forms and the operations they apply -----------
+
+_FULLWIDTH_RE = re.compile("[\uff01-\uff5e]")  # fullwidth ASCII: ４２, ＋
+_OTHER_DIGIT_RE = re.compile(r"(?![0-9])\d")  # other scripts' decimal digits: ٤٢, ४२
+_SYMBOLS = str.maketrans(
+    {
+        "\u2212": "-",
+        "\u00d7": "\\times ",
+        "\u00f7": "\\div ",
+        "\u00b7": "\\cdot ",
+        "\u22c5": "\\cdot ",
+        "\u066b": ".",  # Arabic decimal separator
+        "\u066c": ",",  # Arabic thousands separator
+        "\u00b0": "^\\circ ",
+    }
+)
+_THOUSANDS_RE = re.compile(r"(?<![\d.])\d{1,3}(?:(?:\\[,;: ]|~|[\u00a0\u2009\u202f])\d{3})+(?!\d)")
+_SPACED_THOUSANDS_RE = re.compile(r"-?\d{1,3}(?: \d{3})+(?:\.\d+)?")
+_E_NOTATION_RE = re.compile(r"(?<![\w.\\])(-?\d+(?:\.\d+)?)[eE]([-+]?)(\d{1,3})(?![\w.])")
+_SPACING_RE = re.compile(
+    r"\\(?:qquad|quad|enspace|enskip|thinspace|medspace|thickspace|negthinspace|negmedspace|negthickspace)"
+    r"(?![a-zA-Z])|\\hspace\*?\{[^{}]*\}|\\[,;:! ]|~|[\u00a0\u2000-\u200b\u202f\u205f\u3000]"
+)
+_SIZING_RE = re.compile(
+    r"\\(?:left|right)\s*\.|\\(?:left|right|[bB]igg?[lrm]?|displaystyle|textstyle|scriptstyle)(?![a-zA-Z])"
+)
+_COMMAND_RE = re.compile(r"\\(?:[a-zA-Z]+|.?)", re.DOTALL)
+_ARGUMENTS = {"frac": 2, "binom": 2, "sqrt": 1}
+_MAX_DEPTH = 100  # brace nesting followed by _canonical; deeper text is kept as written
+
+# Operations, by the name they are counted under. \frac of two integers in lowest terms, `a/b` likewise,
+# and scientific notation are numbers; \frac of anything else is a division.
+_FUNCTIONS = {"frac": "div", "dfrac": "div", "sqrt": "sqrt", "binom": "binom", "choose": "binom"}
+_FUNCTIONS.update(
+    (name, name)
+    for name in "log ln lg exp sin cos tan cot sec csc arcsin arccos arctan sinh cosh tanh sum prod int "
+    "iint oint lim max min gcd lcm det lfloor lceil mod bmod pmod".split()
+)
+_BINARY_COMMANDS = {"times": "*", "cdot": "*", "ast": "*", "div": "÷", "pm": "±", "mp": "±"}
+_SEPARATORS = frozenset(
+    "le leq ge geq lt gt ne neq cup cap in notin subset subseteq supset supseteq to rightarrow Rightarrow "
+    "approx equiv sim mid setminus colon".split()
+)
+_WRAPPED_RE = re.compile(
+    r"\\(?:text|textrm|textbf|textit|mathrm|mathbf|mathit|operatorname|mbox)\{([^{}]*)\}(?:\^\{\d\})?"
+)
+_IGNORED_RE = re.compile(r"\^\{\\circ\}|\\circ|\\%|%|\\\$|\$|\\prime|'")
+_SCIENTIFIC_FORM_RE = re.compile(
+    r"(?<![\w.}#])-?\d+(?:\.\d+)?(?:\\times|\\cdot|\*)10\^\{[-+]?\d+\}|(?<![\w.}#^{])10\^\{[-+]?\d+\}"
+)
+_FRACTION_RE = re.compile(r"\\frac\{(-?\d+)\}\{(-?\d+)\}|(?<![\w.#}])(-?\d+)/(-?\d+)(?![\w.#{])")
+_BARE_FUNCTION_RE = re.compile(r"(?<![a-zA-Z])(log|ln|sin|cos|tan|sqrt|gcd|lcm|exp)(?![a-zA-Z])")
+_RELATION_RE = re.compile(r"=|<|>|\\(?:le|ge|leq|geq|lt|gt|ne|neq)(?![a-zA-Z])")
+_APPLICATION_RE = re.compile(
+    r"\\(sqrt|binom|frac|log|ln|lg|exp|sin|cos|tan|cot|sec|csc|arcsin|arccos|arctan|sinh|cosh|tanh|lfloor"
+    r"|lceil)(?![a-zA-Z])"
+)
 
 
-def _is_unevaluated_arithmetic(answer: str) -> bool:
-    """True for `17+25`, `6 \\times 7`, `2^{10}`, `\\frac{40+2}{1}`: numbers joined by operators.
+def _plain_text(text: str) -> str:
+    """Number forms math-verify misreads, rewritten as it reads them: other scripts' digits (`٤٢`, `４２`),
+    thin-space thousands separators (`1\\,234`, `1 234`), e-notation (`4.2e1`), Unicode `−`, `×`, `°`."""
+    text = _FULLWIDTH_RE.sub(lambda m: chr(ord(m.group()) - 0xFEE0), text)
+    text = _OTHER_DIGIT_RE.sub(lambda m: str(unicodedata.decimal(m.group())), text).translate(_SYMBOLS)
+    text = _THOUSANDS_RE.sub(lambda m: re.sub(r"\D", "", m.group()), text)
+    if _SPACED_THOUSANDS_RE.fullmatch(text.strip()):
+        text = text.replace(" ", "")
+    return _E_NOTATION_RE.sub(lambda m: f"{m[1]}\\times10^{{{'-' if m[2] == '-' else ''}{m[3]}}}", text)
 
-    A plain fraction (`\\frac{1}{2}`, `1/2`) and scientific notation (`1.2 \\times 10^{3}`, `10^{-3}`) are
-    numbers, not arithmetic. Units (`\\text{ cm}^2`), `$`, `%` and degree signs are ignored.
-    """
-    text = _UNIT_RE.sub("", answer)
-    text = re.sub(r"\\[,;!: ]|\\?\$|\\?%|\^\s*\{?\\circ\}?|\{,\}|\s", "", text)
-    text = text.rsplit("=", 1)[-1]  # judge the value after the last "=": "x = 42", "17+25=42" state 42
-    if _SCIENTIFIC_RE.fullmatch(text) or re.fullmatch(r"-?\d+/\d+", text):
-        return False
-    return _ARITHMETIC_RE.search(text.lstrip("-+")) is not None
+
+def _argument(text: str, i: int, depth: int) -> tuple[str, int]:
+    """The normal form of the argument at text[i] (a {group}, a command or one character), and its end."""
+    if i < len(text) and text[i] == " ":
+        i += 1
+    if i >= len(text):
+        return "", i
+    if text[i] == "{":
+        return _braced(text, i + 1, depth + 1)
+    if text[i] == "\\":
+        command = _COMMAND_RE.match(text, i)
+        return command.group(), command.end()
+    return text[i], i + 1
+
+
+def _braced(text: str, i: int = 0, depth: int = 0) -> tuple[str, int]:
+    """Normal form of text[i:] up to the `}` that closes the group (or the end), and the index after it:
+    arguments of \\frac, \\binom, \\sqrt, ^ and _ braced, other commands' arguments kept, other braces
+    (grouping only) dropped."""
+    if depth > _MAX_DEPTH:
+        return text[i:], len(text)
+    out = []
+    while i < len(text):
+        char = text[i]
+        if char == "}":
+            return "".join(out), i + 1
+        if char == "\\":
+            command = _COMMAND_RE.match(text, i)
+            out.append(command.group())
+            i, name = command.end(), command.group()[1:]
+            if name == "sqrt" and text.startswith("[", i):
+                close = text.find("]", i)
+                if close > 0:
+                    out.append(text[i : close + 1])
+                    i = close + 1
+            for _ in range(_ARGUMENTS.get(name, 0)):
+                argument, i = _argument(text, i, depth)
+                out.append("{" + argument + "}")
+            if name.isalpha() and name not in _ARGUMENTS and text.startswith("{", i):  # \text{..}
+                argument, i = _braced(text, i + 1, depth + 1)
+                out.append("{" + argument + "}")
+        elif char in "^_":
+            argument, i = _argument(text, i + 1, depth)
+            out.append(char + "{" + argument + "}")
+        elif char == "{":
+            group, i = _braced(text, i + 1, depth + 1)
+            out.append("{" + group + "}" if text.startswith(("^", "_"), i) else group)
+        else:
+            out.append(char)
+            i += 1
+    return "".join(out), i
+
+
+def _canonical(text: str) -> str:
+    """`text` up to LaTeX formatting: no spacing or sizing commands (\\quad, \\,, ~, \\left, \\displaystyle),
+    no whitespace but between two letters, \\dfrac and \\tfrac as \\frac, \\dbinom as \\binom, every argument
+    of \\frac, \\binom, \\sqrt, ^ and _ braced and grouping braces dropped, numbers as in `_plain_text`.
+    `17\\quad+25`, `{17}+{25}` and `17 + 25` are all `17+25`; `\\dfrac34` is `\\frac{3}{4}`."""
+    text = _SIZING_RE.sub("", _plain_text(text))
+    text = re.sub(r"\\[dtc]frac(?![a-zA-Z])", r"\\frac", text)
+    text = re.sub(r"\\[dt]binom(?![a-zA-Z])", r"\\binom", text)
+    text = re.sub(r"(?<=[a-zA-Z])\s+(?=[a-zA-Z])", "\x00", _SPACING_RE.sub(" ", text))  # `\pi r` stays two
+    return _braced(re.sub(r"\s+", "", text).replace("\x00", " "))[0]
+
+
+def _split_top(text: str, separator: str) -> list[str]:
+    """`text` split at each `separator` outside braces, parentheses and brackets."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        if char in "{([":
+            depth += 1
+        elif char in "})]":
+            depth -= 1
+        elif char == separator and depth <= 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [*parts, text[start:]]
+
+
+def _unwrapped(text: str) -> str:
+    """A canonical form without the parentheses around all of it: `(\\sqrt{2})` is `\\sqrt{2}`."""
+    while text.startswith("(") and text.endswith(")") and _split_top(text[1:-1], ")") == [text[1:-1]]:
+        text = text[1:-1]
+    return text
+
+
+def _value(text: str, units: bool = False) -> Fraction | None:
+    """The number a canonical form writes (`42`, `-3.5`, `1,000`, `\\frac{1}{2}`, `1/2`), else None; with
+    `units`, letters after the number (`5cm`) are ignored too."""
+    text = _IGNORED_RE.sub("", _WRAPPED_RE.sub(r"\1", text)).replace(" ", "")
+    if units:
+        text = re.sub(r"(?<=[\d}])[a-zA-Z]+$", "", text)
+    fraction = re.fullmatch(r"(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}", text)
+    try:
+        if fraction:
+            return Fraction(int(fraction[2]), int(fraction[3])) * (-1 if fraction[1] else 1)
+        if re.fullmatch(r"-?\d+(?:\.\d+)?|-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+/-?\d+", text):
+            return Fraction(text.replace(",", ""))
+    except (ValueError, ZeroDivisionError):
+        pass
+    return None
+
+
+def _same_answer(first: str, second: str) -> bool:
+    """Two stated answers say the same thing: equal canonical forms (without $, %, degrees and the \\text
+    wrappers) or equal numbers (`\\frac{1}{2}` and 0.5, `5\\text{ cm}` and 5 cm)."""
+    first, second = _canonical(first), _canonical(second)
+    loose = [_IGNORED_RE.sub("", _WRAPPED_RE.sub(r"\1", text)).replace(" ", "") for text in (first, second)]
+    if loose[0] == loose[1]:
+        return True
+    values = _value(first, units=True), _value(second, units=True)
+    return values[0] is not None and values[0] == values[1]
+
+
+def _fraction_token(match: re.Match) -> str:
+    numerator, denominator = (int(group) for group in match.groups() if group is not None)
+    reduced = denominator not in (0, 1, -1) and math.gcd(numerator, denominator) == 1
+    return "#" if reduced else "#÷#"  # 84/2 is a division still to do, 1/2 a number
+
+
+def _operations(text: str) -> Counter:
+    """The operations a canonical form applies, counted: functions (sqrt, binom, log, sin, ...),
+    `add` (binary + and -, \\pm), `mul` (\\times, \\cdot, *, `2(3)`, `(a)(b)`), `div` (a/b, \\frac, \\div),
+    `pow`, `factorial`, `abs`, and `group` (a parenthesised sum: `(x+1)^2`, `(-k+4)+(-2+3k)`). Numbers are
+    not operations: integers, decimals, reduced fractions, scientific notation; units, $, % and degrees
+    are ignored."""
+    counts: Counter = Counter()
+
+    def command(match: re.Match) -> str:
+        name = match.group()[1:]
+        if name in _FUNCTIONS:
+            counts[_FUNCTIONS[name]] += 1
+            return "@"
+        if name in _BINARY_COMMANDS:
+            return _BINARY_COMMANDS[name]
+        return ";" if name in _SEPARATORS or not name.isalpha() else "a"  # \pi, \infty, \alpha: operands
+
+    def bare(match: re.Match) -> str:
+        counts[_FUNCTIONS[match[1]]] += 1
+        return "@"
+
+    text = _WRAPPED_RE.sub(lambda m: f"\\{m[1].lower()} " if m[1].lower() in _FUNCTIONS else "", text)
+    text = _FRACTION_RE.sub(_fraction_token, _SCIENTIFIC_FORM_RE.sub("#", _IGNORED_RE.sub("", text)))
+    text = _BARE_FUNCTION_RE.sub(bare, _COMMAND_RE.sub(command, text)).replace(" ", "")
+    frames: list[list] = []  # per open (, [ or {: [closing char, holds a binary +/-, holds a comma]
+    for i, char in enumerate(text):
+        before, after = text[i - 1 : i], text[i + 1 : i + 2]
+        operand_before = before.isalnum() or before in ("#", ")", "}", "]", "|", "!", ".")
+        if char in "+-±" and operand_before:
+            counts["add"] += 1
+            if frames:
+                frames[-1][1] = True
+        elif char == "*" or (char == "(" and (before.isdigit() or before in ("#", ")"))):
+            counts["mul"] += 1
+        elif char == ")" and (after.isdigit() or after == "#"):
+            counts["mul"] += 1
+        elif char == "÷" or (char == "/" and operand_before and (after.isalnum() or after in tuple("#({@-"))):
+            counts["div"] += 1
+        elif char == "^":
+            counts["pow"] += 1
+        elif char == "!" and after != "=":
+            counts["factorial"] += 1
+        elif char == "|":
+            counts["abs"] += 1
+        elif char == ",":
+            if frames:
+                frames[-1][2] = True
+        if char in "([{":
+            frames.append([")]}"["([{".index(char)], False, False])
+        elif char in ")]}" and frames and frames[-1][0] == char:
+            closing, has_sum, has_comma = frames.pop()
+            counts["group"] += closing != "}" and has_sum and not has_comma
+    counts["abs"] //= 2
+    return +counts
+
+
+def _adds_operations(answer: str, gold: str) -> bool:
+    """True when the (canonical) answer applies an operation more often than the gold does: an
+    unevaluated form. Lists are compared element by element, against the most any gold element applies."""
+    allowed: Counter = Counter()
+    for element in _split_top(gold, ","):
+        allowed |= _operations(element)
+    return any(_operations(element) - allowed for element in _split_top(answer, ","))
+
+
+def _group_end(text: str, i: int, opening: str, closing: str) -> int:
+    """Index after the group that opens at text[i], or i when none opens there."""
+    if not text.startswith(opening, i):
+        return i
+    depth = 0
+    for j in range(i, len(text)):
+        depth += (text[j] == opening) - (text[j] == closing)
+        if depth == 0:
+            return j + 1
+    return len(text)
+
+
+def _applications(text: str) -> set[str]:
+    """The function applications a canonical form writes, as written: `\\sqrt{242}`, `\\binom{31}{28}`,
+    `\\log_{2}64`, `\\frac{x}{2}` (not a reduced fraction of integers, which is a number)."""
+    found = set()
+    for match in _APPLICATION_RE.finditer(text):
+        name, end = match[1], match.end()
+        if name == "sqrt":
+            end = _group_end(text, end, "[", "]")
+        for _ in range(2 if name in ("frac", "binom") else 1 if name == "sqrt" else 0):
+            end = _group_end(text, end, "{", "}")
+        if name in ("lfloor", "lceil"):
+            close = text.find("\\r" + name[1:], end)
+            end = close + len(name) + 1 if close >= 0 else len(text)
+        elif name not in ("sqrt", "frac", "binom"):
+            for mark in "_^":
+                if text.startswith(mark, end):
+                    end = _group_end(text, end + 1, "{", "}")
+            token = re.match(r"\{|\(|\\[a-zA-Z]+|[\w.]+", text[end:])
+            if token:
+                group = {"{": ("{", "}"), "(": ("(", ")")}.get(token.group())
+                end = _group_end(text, end, *group) if group else end + token.end()
+        application = text[match.start() : end]
+        if not (name == "frac" and _value(application) is not None):
+            found.add(application)
+    return found
+
+
+_MATH_BLOCK_RE = re.compile(r"\$\$(.+?)\$\$|(?<!\\)\$(.+?)(?<!\\)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
+_PLAIN_ARITHMETIC_RE = re.compile(
+    r"-?\d+(?:\.\d+)?(?:\s*(?:[-+*/×÷^]|\\times|\\cdot|\\div)\s*-?\d+(?:\.\d+)?)+"
+)
+_MAX_QUESTION_EXPRESSIONS = 200
+
+
+@functools.lru_cache(maxsize=1024)
+def _question_forms(question: str) -> tuple[frozenset[str], frozenset[str]]:
+    """What an echo of the question would write, canonical: its math expressions (each `$...$`,
+    `\\(...\\)`, `\\[...\\]`, and arithmetic in its prose such as `17 + 25`), the sides of its equations
+    that apply an operation, and the function applications it writes."""
+    blocks = _MATH_BLOCK_RE.finditer(question)
+    texts = [next(group for group in block.groups() if group is not None) for block in blocks]
+    texts += _PLAIN_ARITHMETIC_RE.findall(_MATH_BLOCK_RE.sub(" ", question))
+    forms: set[str] = set()
+    applications: set[str] = set()
+    for text in texts[:_MAX_QUESTION_EXPRESSIONS]:
+        if len(text) > 4 * MAX_ANSWER_CHARS:
+            continue
+        canonical = _canonical(text)
+        forms.add(_unwrapped(canonical))
+        forms.update(_unwrapped(side) for side in _split_top(canonical, "=") if _operations(side))
+        applications |= _applications(canonical)
+    return frozenset(forms), frozenset(applications)
+
+
+def _echoes_question(answer: str, gold: str, question: str) -> bool:
+    """True when the (canonical) answer is one of the question's own expressions (other than a plain
+    number, and other than the gold as written), or writes a function application of the question that the
+    gold does not: `\\sqrt{242}` for "Simplify $\\sqrt{242}$", `\\frac{3}{20}` for "Express $\\frac{3}{20}$
+    as a decimal"."""
+    forms, applications = _question_forms(question)
+    unwrapped = _unwrapped(answer)
+    if unwrapped in forms and unwrapped != _unwrapped(gold) and not re.fullmatch(r"-?[\d.,]+", unwrapped):
+        return True
+    return bool((_applications(answer) & applications) - _applications(gold))
+
+
+_CONNECTIVES = frozenset(
+    "or and either maybe possibly perhaps alternatively also else otherwise vs versus lor vee text mathrm "
+    "textbf quad qquad".split()
+)
+
+
+def _hedged(completion: str, boxes: list[tuple[int, int, str]]) -> bool:
+    """True when the last box is one of several different boxed answers offered side by side, with
+    nothing but a connective between them: `\\boxed{43} or \\boxed{42}`, `\\boxed{1}, \\boxed{2}`. A box after
+    other words (`\\boxed{41} no wait, \\boxed{42}`) is a correction, not a hedge."""
+    for (_, end, first), (start, _, second) in zip(reversed(boxes[:-1]), reversed(boxes[1:]), strict=True):
+        if end > start:  # nested: \boxed{\boxed{42}}
+            continue
+        between = completion[end:start]
+        words = {word.lower() for word in re.findall(r"[a-zA-Z]+", between)}
+        if len(between) > 60 or re.search(r"\d", between) or not words <= _CONNECTIVES:
+            return False
+        if not _same_answer(first, second):
+            return True
+    return False
+
+
+def _contradicted(tail: str, answer: str) -> bool:
+    """True when the last clearly marked answer after the last box ("Wait... the answer is 43.") states
+    something else than the box (numbers are compared by value, other answers as written)."""
+    for match in reversed(list(_MARKED_RE.finditer(tail))[-_MAX_CANDIDATES:]):
+        later = _clean_marked(match.group(1))
+        if later:
+            looks_like_answer = re.search(r"[\d\\]", later) or re.fullmatch(r"\(?[A-E]\)?", later)
+            return bool(looks_like_answer) and not _same_answer(later, answer)
+    return False
+
+
+def _not_the_answer(completion: str, answer: str, gold: str, question: str | None) -> bool:
+    """True when the extracted answer must score 0 whatever math-verify says (the rule in the module
+    docstring): hedged or contradicted boxes, an equation that states another number, an operation the gold
+    does not apply, or an echo of the question."""
+    boxes = _boxes(completion)
+    if boxes and boxes[-1][2] == answer:
+        if _hedged(completion, boxes) or _contradicted(completion[boxes[-1][1] :], answer):
+            return True
+    canonical, gold_canonical = _canonical(answer), _canonical(gold)
+    sides = [canonical] if _RELATION_RE.search(gold_canonical) else _split_top(canonical, "=")
+    final = _value(sides[-1])
+    if final is not None and any(_value(side) not in (None, final) for side in sides[:-1]):
+        return True  # `43 = 42`: which one is the answer?
+    if _adds_operations(sides[-1], gold_canonical):
+        return True
+    return bool(question) and _echoes_question(sides[-1], gold_canonical, question)
 
 
 def _exponent(text: str, start: int) -> str:
@@ -279,20 +657,25 @@ def _verify_off_main_thread(gold: str, answer: str, timeout_s: float) -> bool:
 atexit.register(_stop_worker)
 
 
-def score(completion: str, gold: str, timeout_s: float = 5.0) -> tuple[float, str | None]:
-    """(reward, extracted answer) for one completion; the trainer logs both. Never raises."""
+def score(
+    completion: str, gold: str, timeout_s: float = 5.0, question: str | None = None
+) -> tuple[float, str | None]:
+    """(reward, extracted answer) for one completion; the trainer logs both. Never raises.
+
+    With `question` (the problem text), an answer that echoes one of its expressions also scores 0."""
     try:
         answer = extract_final_answer(completion)
         if answer is None or _too_costly(answer):
             return 0.0, answer
-        if _is_plain_number(gold) and _is_unevaluated_arithmetic(answer):
+        if _not_the_answer(completion, answer, gold, question):
             return 0.0, answer
+        gold_text, answer_text = _plain_text(gold), _plain_text(answer)
         if os.name != "posix":  # math-verify's non-POSIX timeout pickles a local function: it would fail
-            ok = _verify_texts(gold, answer, None)
+            ok = _verify_texts(gold_text, answer_text, None)
         elif threading.current_thread() is threading.main_thread():
-            ok = _verify_texts(gold, answer, max(1, math.ceil(timeout_s)))
+            ok = _verify_texts(gold_text, answer_text, max(1, math.ceil(timeout_s)))
         else:
-            ok = _verify_off_main_thread(gold, answer, timeout_s)
+            ok = _verify_off_main_thread(gold_text, answer_text, timeout_s)
         return (1.0 if ok else 0.0), answer
     except ImportError:  # math-verify missing is a broken install, not a wrong answer: say so
         raise
@@ -301,8 +684,11 @@ def score(completion: str, gold: str, timeout_s: float = 5.0) -> tuple[float, st
         return 0.0, None
 
 
-def math_reward(completions: list[str], golds: list[str], timeout_s: float = 5.0) -> list[float]:
-    """1.0 where math-verify says the completion's final answer equals the gold, else 0.0.
+def math_reward(
+    completions: list[str], golds: list[str], timeout_s: float = 5.0, questions: list[str] | None = None
+) -> list[float]:
+    """1.0 where math-verify says the completion's final answer equals the gold, else 0.0 (and 0.0 for
+    the answers the module docstring's rule excludes; `questions`, one per completion, adds the echo check).
 
     Time bound per sample: answers over MAX_ANSWER_CHARS characters, power towers, giant exponents and
     giant factorials are scored 0 without verification (everywhere, so the score does not depend on the
@@ -313,6 +699,10 @@ def math_reward(completions: list[str], golds: list[str], timeout_s: float = 5.0
     """
     if len(completions) != len(golds):
         raise ValueError(f"math_reward got {len(completions)} completions but {len(golds)} gold answers")
+    if questions is not None and len(questions) != len(golds):
+        raise ValueError(f"math_reward got {len(golds)} gold answers but {len(questions)} questions")
+    questions = [None] * len(golds) if questions is None else questions
     return [
-        score(completion, gold, timeout_s)[0] for completion, gold in zip(completions, golds, strict=True)
+        score(completion, gold, timeout_s, question)[0]
+        for completion, gold, question in zip(completions, golds, questions, strict=True)
     ]

@@ -65,7 +65,8 @@ def next_commands(summary: dict) -> list[str]:
 def render_summary(summary: dict) -> str:
     """The summary as plain text lines."""
     lines = [
-        f"{summary['algo']}: {summary['steps']} steps, {summary['steps_with_positive']} with a positive rollout",
+        f"{summary['algo']}: {summary['steps']} steps, "
+        f"{summary['steps_with_positive']} with a positive rollout",
         f"train reward: {summary['reward_first']:.3f} at step 1 -> {summary['reward_last']:.3f} at step "
         f"{summary['steps']} (mean of the last {min(LAST, summary['steps'])} steps: "
         f"{summary['reward_last_mean']:.3f})",
