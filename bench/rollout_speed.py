@@ -30,7 +30,7 @@ from gpu_step import device_slug, sample, versions  # noqa: E402
 
 from popo_lite.config import load_config  # noqa: E402
 from popo_lite.data.problems import format_prompt, load_problems  # noqa: E402
-from popo_lite.engine.model import load_policy  # noqa: E402
+from popo_lite.engine.choose import load_policy  # noqa: E402
 from popo_lite.engine.rollouts import CACHES  # noqa: E402
 
 

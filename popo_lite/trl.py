@@ -64,8 +64,8 @@ from trl import GRPOConfig, GRPOTrainer
 
 from popo_lite.core.logprobs import CompletionStats, completion_stats
 from popo_lite.core.objectives import ENTROPY_OVER, WEIGHT_MODES, popo_loss, popo_weights
-from popo_lite.core.siamese import Predictor, adapter_pairs, ema_forward, ema_reset, ema_update
-from popo_lite.engine.model import EMA, keep_nf4_layers_trainable
+from popo_lite.core.siamese import EMA, Predictor, adapter_pairs, ema_forward, ema_reset, ema_update
+from popo_lite.engine.model import keep_nf4_layers_trainable
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "popo_state.pt"

@@ -264,7 +264,6 @@ def test_rollout_inspector_finds_positive_completions_first(page, panel):
 def test_evaluate_runs_on_a_checkpoint_or_says_it_is_missing(page, panel):
     from playwright.sync_api import expect
 
-
     page.get_by_role("tab", name="Evaluate").click()
     expect(page.locator("#evaluation-checkpoint input")).to_have_value("step-000003")
     page.get_by_label("Benchmarks (comma-separated)").fill("gsm8k_test")

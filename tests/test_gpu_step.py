@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_step.py"
@@ -30,6 +31,7 @@ def load_bench():
     return module
 
 
+@pytest.mark.slow  # every phase of the bench, each timed: 4 to 23 s on 2 CPU cores
 def test_gpu_step_tiny_run_reports_every_phase_and_a_finite_popo_grpo_ratio(tmp_path, capsys):
     bench = load_bench()
     sizes = ["--prompts", "2", "--rollouts", "2", "--new-tokens", "8", "--timed-tokens", "4"]

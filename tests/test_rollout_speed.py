@@ -7,9 +7,12 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "rollout_speed.py"
 
 
+@pytest.mark.slow  # times every cache, 2 rounds each: about 10 s on 2 CPU cores
 def test_rollout_speed_times_each_cache_and_writes_the_table(tiny_config, tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("rollout_speed", SCRIPT)
     bench = importlib.util.module_from_spec(spec)

@@ -119,15 +119,29 @@ def test_resumed_run_continues_like_an_uninterrupted_one(tiny_config):
     assert [r["step"] for r in metrics] == [1, 2, 3]
 
 
-def test_exported_ema_adapter_loads_as_a_plain_peft_adapter(tiny_config, tiny_model_dir):
+def test_exported_ema_adapter_loads_as_a_plain_peft_adapter_and_is_the_ema_branch(
+    tiny_config, tiny_model_dir
+):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    records = list(train(tiny_config(steps=1)))
+    from popo_lite.core.siamese import ema_forward
+
+    session = prepare(tiny_config(steps=2, tau=0.5))
+    records = list(run(session))
     ema_dir = records[-1]["checkpoint"] + f"/{EMA}"
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), ema_dir)
-    logits = model(input_ids=torch.tensor([[3, 4, 5]])).logits
-    assert torch.isfinite(logits).all()
+    exported = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), ema_dir)
+    tokens = torch.tensor([[3, 4, 5, 6]])
+    model = session.model.eval()
+    with torch.no_grad():
+        want = exported.eval()(input_ids=tokens).logits
+        with ema_forward(model):
+            ema = model(input_ids=tokens).logits
+        policy = model(input_ids=tokens).logits
+        with model.disable_adapter():
+            base = model(input_ids=tokens).logits
+    torch.testing.assert_close(want, ema, rtol=1e-5, atol=1e-6)  # the exported file is the EMA branch
+    assert not torch.allclose(ema, policy) and not torch.allclose(ema, base)  # halfway, at tau = 0.5
 
 
 def test_evaluation_during_training_lands_in_records_and_run_directory(tiny_config, digit_problems):
