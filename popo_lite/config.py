@@ -73,11 +73,12 @@ class Config:
 
     # --- data --------------------------------------------------------------------------------------
     dataset: str = _f(
-        "arithmetic",
-        "Training prompts: a bundled name (arithmetic, gsm8k, math_train, deepscaler_math, ...), a local "
+        "digit_sums",
+        "Training prompts: a bundled name (digit_sums, arithmetic, two_digit_sums, gsm8k, math_train, "
+        "deepscaler_math, ...), a local "
         ".jsonl/.json/.parquet file, or a Hub dataset id.",
     )
-    dataset_split: str = _f("train", "Split to load (Hub datasets and the synthetic 'arithmetic' set).")
+    dataset_split: str = _f("train", "Split to load (Hub datasets and the synthetic sums).")
     problem_field: str | None = _f(None, "Field holding the question in a local/Hub dataset.")
     answer_field: str | None = _f(None, "Field holding the gold answer in a local/Hub dataset.")
     levels: list[int] | None = _f(None, "Keep only these MATH levels (e.g. [3, 4, 5]).")
@@ -165,7 +166,7 @@ class Config:
     )
 
     # --- optimisation ------------------------------------------------------------------------------
-    steps: int = _f(5, "Optimizer steps (one generation batch each: on-policy).")
+    steps: int = _f(6, "Optimizer steps (one generation batch each: on-policy).")
     learning_rate: float = _f(2e-4, "AdamW learning rate of the LoRA adapter and the predictor.")
     weight_decay: float = _f(0.01, "AdamW weight decay.")
     max_grad_norm: float = _f(
@@ -180,11 +181,14 @@ class Config:
     )
 
     # --- evaluation during training ------------------------------------------------------------------
-    eval_every: int = _f(0, "Evaluate the policy greedily every N steps (and at the last step); 0 = never.")
+    eval_every: int = _f(
+        6,
+        "Evaluate the policy greedily before the first step, every N steps and at the last step; 0 = never.",
+    )
     eval_benchmarks: list[str] = _f(
-        ["arithmetic"],
+        ["digit_sums"],
         "Benchmarks for eval_every: bundled names (aime24, aime25, amc23, math500, minerva_math, "
-        "olympiadbench, gsm8k_test; 'arithmetic' = its 200 held-out sums) or local files.",
+        "olympiadbench, gsm8k_test; a synthetic sums name = its held-out split) or local files.",
     )
     eval_limit: int | None = _f(40, "Problems per benchmark in evaluation during training (None = all).")
     eval_max_new_tokens: int | None = _f(None, "Longest evaluation completion (None = max_new_tokens).")

@@ -109,6 +109,7 @@ def tiny_config(tiny_model_dir, digit_problems, tmp_path):
             run_name="test",
             seed=0,
             gradient_checkpointing=True,
+            eval_every=0,
         )
         values.update(overrides)
         return Config(**values)
@@ -136,4 +137,6 @@ def tiny_cli_args(tiny_model_dir, digit_problems) -> list[str]:
         "plain",
         "--max_new_tokens",
         "2",
+        "--eval_every",
+        "0",
     ]

@@ -162,24 +162,65 @@ BUNDLED: dict[str, Bundled] = {
     "minerva_math": Bundled("minerva_math/test.jsonl", _minerva),
     "olympiadbench": Bundled("olympiadbench/test.jsonl", _olympiadbench),
     "arithmetic": Bundled(None, _arithmetic),
+    "digit_sums": Bundled(None, _arithmetic),
+    "two_digit_sums": Bundled(None, _arithmetic),
 }
 EVAL_BENCHMARKS = ("aime24", "aime25", "amc23", "math500", "minerva_math", "olympiadbench", "gsm8k_test")
 
 
+def _sum_rows(pairs: list[tuple[int, int]]) -> list[Row]:
+    return [{"problem": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in pairs]
+
+
 def arithmetic_rows(split: str = "train", seed: int = 1234) -> list[Row]:
-    """Synthetic "What is a + b?" (a in 10..99, b in 1..9) for the embedded tiny model, which learns it
-    within a dozen steps (docs/measurements.md section 2.4). 200 of the 810 (a, b) pairs are held out for
+    """Synthetic "What is a + b?" (a in 10..99, b in 1..9). 200 of the 810 (a, b) pairs are held out for
     split="test"; train draws 5,000 problems, with repeats, from the other 610. Deterministic."""
     pairs = [(a, b) for a in range(10, 100) for b in range(1, 10)]
     rng = random.Random(seed)
     rng.shuffle(pairs)
     if split == "test":
-        chosen = pairs[:200]
-    elif split == "train":
-        chosen = [rng.choice(pairs[200:]) for _ in range(5000)]
-    else:
-        raise DataError(f"arithmetic has splits 'train' and 'test', not {split!r}")
-    return [{"problem": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in chosen]
+        return _sum_rows(pairs[:200])
+    if split == "train":
+        return _sum_rows([rng.choice(pairs[200:]) for _ in range(5000)])
+    raise DataError(f"arithmetic has splits 'train' and 'test', not {split!r}")
+
+
+def digit_sum_rows(split: str = "train", seed: int = 1234) -> list[Row]:
+    """Synthetic "What is a + b?" with a and b in 1..9: the embedded default's task, easy enough that the
+    4-bit (NF4) 135M model answers a third of its samples right (docs/measurements.md section 2.5).
+    21 of the 81 pairs are held out for split="test"; train draws 5,000 problems from the other 60."""
+    pairs = [(a, b) for a in range(1, 10) for b in range(1, 10)]
+    rng = random.Random(seed)
+    rng.shuffle(pairs)
+    if split == "test":
+        return _sum_rows(pairs[:21])
+    if split == "train":
+        return _sum_rows([rng.choice(pairs[21:]) for _ in range(5000)])
+    raise DataError(f"digit_sums has splits 'train' and 'test', not {split!r}")
+
+
+def two_digit_sum_rows(split: str = "train", seed: int = 1234) -> list[Row]:
+    """Synthetic "What is a + b?" with a and b in 10..99, held out by operand: 18 of the 90 values are
+    test-only, so no held-out problem shares an operand with training. split="test": the first 200 of
+    the 324 pairs of held-out values; train: 5,000 draws from the 5,184 pairs of the other 72 values."""
+    values = list(range(10, 100))
+    rng = random.Random(seed)
+    rng.shuffle(values)
+    held_out, training = values[:18], values[18:]
+    if split == "test":
+        pairs = [(a, b) for a in held_out for b in held_out]
+        rng.shuffle(pairs)
+        return _sum_rows(pairs[:200])
+    if split == "train":
+        return _sum_rows([(rng.choice(training), rng.choice(training)) for _ in range(5000)])
+    raise DataError(f"two_digit_sums has splits 'train' and 'test', not {split!r}")
+
+
+SYNTHETIC = {
+    "arithmetic": arithmetic_rows,
+    "digit_sums": digit_sum_rows,
+    "two_digit_sums": two_digit_sum_rows,
+}
 
 
 # ---- reading files --------------------------------------------------------------------------------
@@ -255,7 +296,8 @@ def load_problems(
 ) -> list[Problem]:
     """Problems from a bundled name (see BUNDLED), a local .jsonl/.json/.parquet file or a Hub dataset id.
 
-    `split` selects the split of a Hub dataset and of "arithmetic"; "gsm8k" with split="test" is
+    `split` selects the split of a Hub dataset and of the synthetic sums (arithmetic, digit_sums,
+    two_digit_sums); "gsm8k" with split="test" is
     "gsm8k_test"; the other bundled sets are single files and ignore it. `levels` keeps only those
     MATH levels (problems without a level are dropped); `limit` keeps the first N after filtering.
     """
@@ -263,7 +305,7 @@ def load_problems(
         source = "gsm8k_test"
     if source in BUNDLED:
         entry = BUNDLED[source]
-        rows = arithmetic_rows(split) if entry.path is None else _read_rows(DATA_DIR / entry.path)
+        rows = SYNTHETIC[source](split) if entry.path is None else _read_rows(DATA_DIR / entry.path)
         problems = [entry.to_problem(row, index, source) for index, row in enumerate(rows)]
     else:
         path = Path(source).expanduser()
