@@ -11,12 +11,13 @@ import dataclasses
 import json
 import sys
 import time
+from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 
 from popo_lite.config import EMBEDDED_MODEL, Config, ConfigError, load_config
-from popo_lite.data.problems import EVAL_BENCHMARKS, TEMPLATES
-from popo_lite.engine.model import ModelError, load_base
+from popo_lite.data.problems import EVAL_BENCHMARKS, SYNTHETIC, TEMPLATES
+from popo_lite.engine.model import ModelError, load_base, resolve_device
 from popo_lite.evaluation.benchmarks import (  # noqa: F401 - the public evaluation API is importable from here too
     DEFAULT_KS,
     REFERENCE,
@@ -81,6 +82,27 @@ def load_model(config: Config, adapter: str | Path | None = None):
     return model, tokenizer, device
 
 
+CPU_BUDGET = {"limit": 20, "max_new_tokens": 256}  # without a GPU, unless --limit / --max_new_tokens say
+
+
+def cpu_budget(args: argparse.Namespace, names: list[str], device: str) -> str | None:
+    """Without a GPU, cap the problems per benchmark (not the small synthetic held-out splits) and the
+    completion length, unless given; return the line that says so (None on a GPU or when all were given).
+    The full protocol (every problem, 1024 or 4096 tokens) takes hours per benchmark on a CPU."""
+    if resolve_device(device).type != "cpu" or args.preset is not None:
+        return None
+    capped = []
+    if args.limit is None and any(name not in SYNTHETIC for name in names):
+        args.limit = CPU_BUDGET["limit"]
+        capped.append(f"the first {args.limit} problems of each benchmark (synthetic sums: all)")
+    if args.max_new_tokens is None:
+        args.max_new_tokens = CPU_BUDGET["max_new_tokens"]
+        capped.append(f"completions of up to {args.max_new_tokens} tokens")
+    if not capped:
+        return None
+    return "no GPU: a CPU-sized budget, " + " and ".join(capped) + " (--limit / --max_new_tokens change it)"
+
+
 # ---- command line -----------------------------------------------------------------------------------
 
 
@@ -108,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
         "that --adapter comes from, else 'embedded').",
     )
     add("--adapter", help="PEFT adapter folder, e.g. runs/NAME/checkpoints/step-000006/policy (or /ema).")
+    add(
+        "--baseline",
+        action="store_true",
+        help="With --adapter: also evaluate the base without it, on the same problems, side by side.",
+    )
     add(
         "--qlora",
         action=argparse.BooleanOptionalAction,
@@ -218,9 +245,18 @@ def main(argv: list[str] | None = None) -> int:
         names = [name.strip() for name in args.benchmarks.split(",") if name.strip()]
         if not names:
             raise EvaluationError("--benchmarks names no benchmark")
-        benchmarks = load_benchmarks(
-            names, limit=args.limit, problem_field=args.problem_field, answer_field=args.answer_field
-        )
+        if args.baseline and adapter is None:
+            raise EvaluationError("--baseline compares the base with an --adapter: give --adapter")
+        budget = cpu_budget(args, names, config.device)
+        if budget:
+            print(budget, file=sys.stderr)
+            settings = _settings(args, config, run_config)
+        limits = {name: None if name in SYNTHETIC else args.limit for name in names}
+        benchmarks = {}
+        for name in names:
+            benchmarks |= load_benchmarks(
+                [name], limit=limits[name], problem_field=args.problem_field, answer_field=args.answer_field
+            )
         folder = _output_folder(args.output)
         started = time.perf_counter()
         model, tokenizer, device = load_model(config, adapter)
@@ -235,18 +271,29 @@ def main(argv: list[str] | None = None) -> int:
             "started": datetime.now().isoformat(timespec="seconds"),
         }
         results: dict[str, dict] = {}
-        for name, result in iter_evaluate(model, tokenizer, benchmarks, settings, progress=True):
-            with open(folder / "records.jsonl", "a") as handle:
-                handle.writelines(json.dumps(record) + "\n" for record in result.pop("records"))
-            results[name] = result
-            _write_results(folder, header, results, settings)
+        passes = (
+            [("base", model.disable_adapter()), ("adapter", nullcontext())]
+            if args.baseline
+            else [("", nullcontext())]
+        )
+        for label, context in passes:
+            with context:
+                for name, result in iter_evaluate(model, tokenizer, benchmarks, settings, progress=True):
+                    shown = f"{name} ({label})" if label else name
+                    with open(folder / "records.jsonl", "a") as handle:
+                        for record in result.pop("records"):
+                            handle.write(json.dumps({**record, "evaluated": label or "model"}) + "\n")
+                    results[shown] = result
+                    _write_results(folder, header, results, settings)
         header["seconds"] = time.perf_counter() - started
         table = _write_results(folder, header, results, settings)
     except (EvaluationError, ConfigError, ModelError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(table)
-    print(f"\nresults in {folder} ({header['seconds']:.0f} s)")
+    cut = max(result["cut_rate"] for result in results.values())
+    print(f"\ncompletions capped at {settings.max_new_tokens} new tokens ({cut:.0%} at most reached the cap)")
+    print(f"results in {folder} ({header['seconds']:.0f} s)")
     return 0
 
 

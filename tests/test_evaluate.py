@@ -260,3 +260,41 @@ def test_cli_errors_exit_nonzero_with_one_message_naming_the_problem(
     assert main([*arguments, "--output", str(tmp_path / "eval")]) == 2
     error = capsys.readouterr().err
     assert named in error and "Traceback" not in error
+
+
+def test_cli_baseline_puts_the_base_and_the_adapter_side_by_side_on_the_same_problems(
+    adapter_in_run, digit_problems, tmp_path, capsys
+):
+    output = tmp_path / "eval"
+    arguments = ["--adapter", str(adapter_in_run), "--baseline", "--benchmarks", str(digit_problems)]
+    arguments += [*FIELD_OPTIONS, "--max_new_tokens", "2", "--limit", "4", "--output", str(output)]
+    assert main(arguments) == 0
+    benchmarks = json.loads((output / "results.json").read_text())["benchmarks"]
+    name = str(digit_problems)
+    assert list(benchmarks) == [f"{name} (base)", f"{name} (adapter)"]
+    records = [json.loads(line) for line in (output / "records.jsonl").read_text().splitlines()]
+    assert [r["evaluated"] for r in records] == ["base"] * 4 + ["adapter"] * 4
+    assert [r["id"] for r in records[:4]] == [r["id"] for r in records[4:]]
+    assert [r["completions"] for r in records[:4]] != [r["completions"] for r in records[4:]]  # live adapter
+    out = capsys.readouterr().out
+    assert f"| {name} (base) |" in out and "completions capped at 2 new tokens" in out
+
+
+def test_cli_without_a_gpu_says_and_applies_its_cpu_budget(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import popo_lite.evaluate as evaluate
+
+    monkeypatch.setattr(
+        evaluate, "load_model", lambda config, adapter=None: (_ for _ in ()).throw(SystemExit(9))
+    )
+    with pytest.raises(SystemExit):
+        main(["--model", str(tiny_model_dir), "--benchmarks", "gsm8k_test,digit_sums", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert "no GPU: a CPU-sized budget" in err and "first 20 problems" in err and "256 tokens" in err
+    assert (
+        evaluate.cpu_budget(
+            evaluate.build_parser().parse_args(["--limit", "3", "--max_new_tokens", "9"]),
+            ["gsm8k_test"],
+            "cpu",
+        )
+        is None
+    )  # explicit values are kept and nothing is said
