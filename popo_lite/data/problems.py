@@ -172,31 +172,30 @@ def _sum_rows(pairs: list[tuple[int, int]]) -> list[Row]:
     return [{"problem": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in pairs]
 
 
-def arithmetic_rows(split: str = "train", seed: int = 1234) -> list[Row]:
-    """Synthetic "What is a + b?" (a in 10..99, b in 1..9). 200 of the 810 (a, b) pairs are held out for
-    split="test"; train draws 5,000 problems, with repeats, from the other 610. Deterministic."""
-    pairs = [(a, b) for a in range(10, 100) for b in range(1, 10)]
+def _held_out_pairs(name: str, pairs: list, held_out: int, split: str, seed: int) -> list[Row]:
+    """`held_out` of the shuffled `pairs` for split="test"; 5,000 draws, with repeats, from the rest for
+    split="train". Deterministic."""
     rng = random.Random(seed)
     rng.shuffle(pairs)
     if split == "test":
-        return _sum_rows(pairs[:200])
+        return _sum_rows(pairs[:held_out])
     if split == "train":
-        return _sum_rows([rng.choice(pairs[200:]) for _ in range(5000)])
-    raise DataError(f"arithmetic has splits 'train' and 'test', not {split!r}")
+        return _sum_rows([rng.choice(pairs[held_out:]) for _ in range(5000)])
+    raise DataError(f"{name} has splits 'train' and 'test', not {split!r}")
+
+
+def arithmetic_rows(split: str = "train", seed: int = 1234) -> list[Row]:
+    """Synthetic "What is a + b?" (a in 10..99, b in 1..9): 200 of the 810 (a, b) pairs held out."""
+    pairs = [(a, b) for a in range(10, 100) for b in range(1, 10)]
+    return _held_out_pairs("arithmetic", pairs, 200, split, seed)
 
 
 def digit_sum_rows(split: str = "train", seed: int = 1234) -> list[Row]:
     """Synthetic "What is a + b?" with a and b in 1..9: the embedded default's task, easy enough that the
-    4-bit (NF4) 135M model answers a third of its samples right (docs/measurements.md section 2.5).
-    21 of the 81 pairs are held out for split="test"; train draws 5,000 problems from the other 60."""
+    4-bit (NF4) 135M model answers about a fifth of its samples right at temperature 0.7
+    (docs/measurements.md section 2.5). 21 of the 81 pairs held out."""
     pairs = [(a, b) for a in range(1, 10) for b in range(1, 10)]
-    rng = random.Random(seed)
-    rng.shuffle(pairs)
-    if split == "test":
-        return _sum_rows(pairs[:21])
-    if split == "train":
-        return _sum_rows([rng.choice(pairs[21:]) for _ in range(5000)])
-    raise DataError(f"digit_sums has splits 'train' and 'test', not {split!r}")
+    return _held_out_pairs("digit_sums", pairs, 21, split, seed)
 
 
 def two_digit_sum_rows(split: str = "train", seed: int = 1234) -> list[Row]:
