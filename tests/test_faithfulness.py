@@ -15,7 +15,7 @@ from popo_lite.training.session import lr_lambda, prepare
 
 
 def test_a_step_with_no_positive_still_steps_adamw_on_the_policy_adapter(tiny_config, monkeypatch):
-    monkeypatch.setattr(trainer, "score", lambda text, gold: (0.0, None))  # every rollout wrong
+    monkeypatch.setattr(trainer, "score", lambda text, gold, question=None: (0.0, None))  # all wrong
     config = tiny_config(steps=1, weight_decay=0.1, learning_rate=0.05)
     session = prepare(config)
     before = [p.detach().clone() for p in session.policy_parameters]

@@ -11,6 +11,35 @@ Why this module is more than `verify(parse(gold), parse(completion))`:
    non-empty `\\boxed{}`, else a clearly marked final answer, else the last number.
 3. math-verify bounds its time with `signal.alarm`, which raises off the main thread (a web UI worker).
    Off the main thread we verify in a helper process instead, see `math_reward` for the bound.
+4. Echoing the question (bench/reward_hacks.py): boxing the question's own `$...$` expression scored 1 on
+   4% of MATH problems (`\\boxed{\\dbinom{31}{28}}`, `\\boxed{(-k + 4) + (-2 + 3k)}`), and spacing commands
+   hid the operator of `\\boxed{17\\quad+25}` from the plain-number guard.
+
+The rule. An answer is judged up to LaTeX formatting (`canonical`: spacing and sizing commands, `\\left`,
+`\\displaystyle`, `\\dfrac`/`\\dbinom`, grouping braces, whitespace do not count) and scores 0, before
+math-verify is asked, when it
+  (a) applies an operation more often than the gold does (`operations`: a function such as sqrt, binom,
+      log, sin, floor; a binary + or -; a product, quotient, power, factorial, absolute value; a
+      parenthesised sum): an unevaluated form. So `17+25`, `84/2`, `\\frac{84}{2}` and `\\sqrt{1764}` for 42,
+      `\\log_264` for 6, `(-k+4)+(-2+3k)` for 2k+2, and the expanded form for a factored gold, all score 0.
+      Numbers are not operations: integers, decimals, fractions of integers in lowest terms (`\\frac{1}{2}`
+      for 0.5 still scores 1), scientific notation; units, `$`, `%` and degrees are ignored; lists are
+      compared element by element (`1+\\sqrt2, 1-\\sqrt2` for `1\\pm\\sqrt2`);
+  (b) is an equation whose sides are two different numbers (`43=42`); otherwise, when the gold is no
+      relation, the value after the last `=` is the answer (`x = 5`, `17+25=42` state 5 and 42);
+  (c) is an inequality for a number gold (`0 < p < 15.` for 15);
+  (d) is one of several different boxed answers offered side by side, nothing but a connective between
+      them (`\\boxed{43} or \\boxed{42}`); a box after other words is a correction (`no wait, \\boxed{42}`);
+  (e) is contradicted by a clearly marked final answer after the last box (`\\boxed{42} Wait... the answer
+      is 43.`); numbers are compared by value, other answers as written;
+  (f) with `question` passed to `score`: is one of the question's expressions (other than the gold as
+      written), or writes one of its function applications that the gold does not (`\\sqrt{242}` for
+      "Simplify $\\sqrt{242}$"; `\\frac{3}{20}` for "Express $\\frac{3}{20}$ as a decimal"), which (a) cannot
+      tell from an answer.
+Numbers a human reads as numbers are rewritten before verification (`plain_text`): e-notation (`4.2e1`),
+thin-space thousands (`1\\,234`), fullwidth and other scripts' digits (`４２`, `٤٢`). What the rule costs: an
+equivalent answer written with more operations than the gold (`2(k+1)` for 2k+2, `x^2-1` for `(x-1)(x+1)`,
+`\\frac{6}{8}` for 3/4) scores 0; a question that asks to simplify, expand or factor wants the gold's form.
 
 Rewards are plain functions over lists of strings returning per-sample scores; no exception escapes.
 """
@@ -29,9 +58,8 @@ import subprocess
 import sys
 import threading
 import time
-import unicodedata
-from collections import Counter
-from fractions import Fraction
+
+from popo_lite.core import answer_forms
 
 logger = logging.getLogger(__name__)
 
@@ -125,299 +153,6 @@ def extract_final_answer(completion: str) -> str | None:
     return numbers[-1] if numbers else None
 
 
-# ---- what an answer says, up to LaTeX formatting: normal forms and the operations they apply -----------
-
-_FULLWIDTH_RE = re.compile("[\uff01-\uff5e]")  # fullwidth ASCII: ４２, ＋
-_OTHER_DIGIT_RE = re.compile(r"(?![0-9])\d")  # other scripts' decimal digits: ٤٢, ४२
-_SYMBOLS = str.maketrans(
-    {
-        "\u2212": "-",
-        "\u00d7": "\\times ",
-        "\u00f7": "\\div ",
-        "\u00b7": "\\cdot ",
-        "\u22c5": "\\cdot ",
-        "\u066b": ".",  # Arabic decimal separator
-        "\u066c": ",",  # Arabic thousands separator
-        "\u00b0": "^\\circ ",
-    }
-)
-_THOUSANDS_RE = re.compile(r"(?<![\d.])\d{1,3}(?:(?:\\[,;: ]|~|[\u00a0\u2009\u202f])\d{3})+(?!\d)")
-_SPACED_THOUSANDS_RE = re.compile(r"-?\d{1,3}(?: \d{3})+(?:\.\d+)?")
-_E_NOTATION_RE = re.compile(r"(?<![\w.\\])(-?\d+(?:\.\d+)?)[eE]([-+]?)(\d{1,3})(?![\w.])")
-_SPACING_RE = re.compile(
-    r"\\(?:qquad|quad|enspace|enskip|thinspace|medspace|thickspace|negthinspace|negmedspace|negthickspace)"
-    r"(?![a-zA-Z])|\\hspace\*?\{[^{}]*\}|\\[,;:! ]|~|[\u00a0\u2000-\u200b\u202f\u205f\u3000]"
-)
-_SIZING_RE = re.compile(
-    r"\\(?:left|right)\s*\.|\\(?:left|right|[bB]igg?[lrm]?|displaystyle|textstyle|scriptstyle)(?![a-zA-Z])"
-)
-_COMMAND_RE = re.compile(r"\\(?:[a-zA-Z]+|.?)", re.DOTALL)
-_ARGUMENTS = {"frac": 2, "binom": 2, "sqrt": 1}
-_MAX_DEPTH = 100  # brace nesting followed by _canonical; deeper text is kept as written
-
-# Operations, by the name they are counted under. \frac of two integers in lowest terms, `a/b` likewise,
-# and scientific notation are numbers; \frac of anything else is a division.
-_FUNCTIONS = {"frac": "div", "dfrac": "div", "sqrt": "sqrt", "binom": "binom", "choose": "binom"}
-_FUNCTIONS.update(
-    (name, name)
-    for name in "log ln lg exp sin cos tan cot sec csc arcsin arccos arctan sinh cosh tanh sum prod int "
-    "iint oint lim max min gcd lcm det lfloor lceil mod bmod pmod".split()
-)
-_BINARY_COMMANDS = {"times": "*", "cdot": "*", "ast": "*", "div": "÷", "pm": "±", "mp": "±"}
-_SEPARATORS = frozenset(
-    "le leq ge geq lt gt ne neq cup cap in notin subset subseteq supset supseteq to rightarrow Rightarrow "
-    "approx equiv sim mid setminus colon".split()
-)
-_WRAPPED_RE = re.compile(
-    r"\\(?:text|textrm|textbf|textit|mathrm|mathbf|mathit|operatorname|mbox)\{([^{}]*)\}(?:\^\{\d\})?"
-)
-_IGNORED_RE = re.compile(r"\^\{\\circ\}|\\circ|\\%|%|\\\$|\$|\\prime|'")
-_SCIENTIFIC_FORM_RE = re.compile(
-    r"(?<![\w.}#])-?\d+(?:\.\d+)?(?:\\times|\\cdot|\*)10\^\{[-+]?\d+\}|(?<![\w.}#^{])10\^\{[-+]?\d+\}"
-)
-_FRACTION_RE = re.compile(r"\\frac\{(-?\d+)\}\{(-?\d+)\}|(?<![\w.#}])(-?\d+)/(-?\d+)(?![\w.#{])")
-_BARE_FUNCTION_RE = re.compile(r"(?<![a-zA-Z])(log|ln|sin|cos|tan|sqrt|gcd|lcm|exp)(?![a-zA-Z])")
-_RELATION_RE = re.compile(r"=|<|>|\\(?:le|ge|leq|geq|lt|gt|ne|neq)(?![a-zA-Z])")
-_APPLICATION_RE = re.compile(
-    r"\\(sqrt|binom|frac|log|ln|lg|exp|sin|cos|tan|cot|sec|csc|arcsin|arccos|arctan|sinh|cosh|tanh|lfloor"
-    r"|lceil)(?![a-zA-Z])"
-)
-
-
-def _plain_text(text: str) -> str:
-    """Number forms math-verify misreads, rewritten as it reads them: other scripts' digits (`٤٢`, `４２`),
-    thin-space thousands separators (`1\\,234`, `1 234`), e-notation (`4.2e1`), Unicode `−`, `×`, `°`."""
-    text = _FULLWIDTH_RE.sub(lambda m: chr(ord(m.group()) - 0xFEE0), text)
-    text = _OTHER_DIGIT_RE.sub(lambda m: str(unicodedata.decimal(m.group())), text).translate(_SYMBOLS)
-    text = _THOUSANDS_RE.sub(lambda m: re.sub(r"\D", "", m.group()), text)
-    if _SPACED_THOUSANDS_RE.fullmatch(text.strip()):
-        text = text.replace(" ", "")
-    return _E_NOTATION_RE.sub(lambda m: f"{m[1]}\\times10^{{{'-' if m[2] == '-' else ''}{m[3]}}}", text)
-
-
-def _argument(text: str, i: int, depth: int) -> tuple[str, int]:
-    """The normal form of the argument at text[i] (a {group}, a command or one character), and its end."""
-    if i < len(text) and text[i] == " ":
-        i += 1
-    if i >= len(text):
-        return "", i
-    if text[i] == "{":
-        return _braced(text, i + 1, depth + 1)
-    if text[i] == "\\":
-        command = _COMMAND_RE.match(text, i)
-        return command.group(), command.end()
-    return text[i], i + 1
-
-
-def _braced(text: str, i: int = 0, depth: int = 0) -> tuple[str, int]:
-    """Normal form of text[i:] up to the `}` that closes the group (or the end), and the index after it:
-    arguments of \\frac, \\binom, \\sqrt, ^ and _ braced, other commands' arguments kept, other braces
-    (grouping only) dropped."""
-    if depth > _MAX_DEPTH:
-        return text[i:], len(text)
-    out = []
-    while i < len(text):
-        char = text[i]
-        if char == "}":
-            return "".join(out), i + 1
-        if char == "\\":
-            command = _COMMAND_RE.match(text, i)
-            out.append(command.group())
-            i, name = command.end(), command.group()[1:]
-            if name == "sqrt" and text.startswith("[", i):
-                close = text.find("]", i)
-                if close > 0:
-                    out.append(text[i : close + 1])
-                    i = close + 1
-            for _ in range(_ARGUMENTS.get(name, 0)):
-                argument, i = _argument(text, i, depth)
-                out.append("{" + argument + "}")
-            if name.isalpha() and name not in _ARGUMENTS and text.startswith("{", i):  # \text{..}
-                argument, i = _braced(text, i + 1, depth + 1)
-                out.append("{" + argument + "}")
-        elif char in "^_":
-            argument, i = _argument(text, i + 1, depth)
-            out.append(char + "{" + argument + "}")
-        elif char == "{":
-            group, i = _braced(text, i + 1, depth + 1)
-            out.append("{" + group + "}" if text.startswith(("^", "_"), i) else group)
-        else:
-            out.append(char)
-            i += 1
-    return "".join(out), i
-
-
-def _canonical(text: str) -> str:
-    """`text` up to LaTeX formatting: no spacing or sizing commands (\\quad, \\,, ~, \\left, \\displaystyle),
-    no whitespace but between two letters, \\dfrac and \\tfrac as \\frac, \\dbinom as \\binom, every argument
-    of \\frac, \\binom, \\sqrt, ^ and _ braced and grouping braces dropped, numbers as in `_plain_text`.
-    `17\\quad+25`, `{17}+{25}` and `17 + 25` are all `17+25`; `\\dfrac34` is `\\frac{3}{4}`."""
-    text = _SIZING_RE.sub("", _plain_text(text))
-    text = re.sub(r"\\[dtc]frac(?![a-zA-Z])", r"\\frac", text)
-    text = re.sub(r"\\[dt]binom(?![a-zA-Z])", r"\\binom", text)
-    text = re.sub(r"(?<=[a-zA-Z])\s+(?=[a-zA-Z])", "\x00", _SPACING_RE.sub(" ", text))  # `\pi r` stays two
-    return _braced(re.sub(r"\s+", "", text).replace("\x00", " "))[0]
-
-
-def _split_top(text: str, separator: str) -> list[str]:
-    """`text` split at each `separator` outside braces, parentheses and brackets."""
-    parts, depth, start = [], 0, 0
-    for i, char in enumerate(text):
-        if char in "{([":
-            depth += 1
-        elif char in "})]":
-            depth -= 1
-        elif char == separator and depth <= 0:
-            parts.append(text[start:i])
-            start = i + 1
-    return [*parts, text[start:]]
-
-
-def _unwrapped(text: str) -> str:
-    """A canonical form without the parentheses around all of it: `(\\sqrt{2})` is `\\sqrt{2}`."""
-    while text.startswith("(") and text.endswith(")") and _split_top(text[1:-1], ")") == [text[1:-1]]:
-        text = text[1:-1]
-    return text
-
-
-def _value(text: str, units: bool = False) -> Fraction | None:
-    """The number a canonical form writes (`42`, `-3.5`, `1,000`, `\\frac{1}{2}`, `1/2`), else None; with
-    `units`, letters after the number (`5cm`) are ignored too."""
-    text = _IGNORED_RE.sub("", _WRAPPED_RE.sub(r"\1", text)).replace(" ", "")
-    if units:
-        text = re.sub(r"(?<=[\d}])[a-zA-Z]+$", "", text)
-    fraction = re.fullmatch(r"(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}", text)
-    try:
-        if fraction:
-            return Fraction(int(fraction[2]), int(fraction[3])) * (-1 if fraction[1] else 1)
-        if re.fullmatch(r"-?\d+(?:\.\d+)?|-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+/-?\d+", text):
-            return Fraction(text.replace(",", ""))
-    except (ValueError, ZeroDivisionError):
-        pass
-    return None
-
-
-def _same_answer(first: str, second: str) -> bool:
-    """Two stated answers say the same thing: equal canonical forms (without $, %, degrees and the \\text
-    wrappers) or equal numbers (`\\frac{1}{2}` and 0.5, `5\\text{ cm}` and 5 cm)."""
-    first, second = _canonical(first), _canonical(second)
-    loose = [_IGNORED_RE.sub("", _WRAPPED_RE.sub(r"\1", text)).replace(" ", "") for text in (first, second)]
-    if loose[0] == loose[1]:
-        return True
-    values = _value(first, units=True), _value(second, units=True)
-    return values[0] is not None and values[0] == values[1]
-
-
-def _fraction_token(match: re.Match) -> str:
-    numerator, denominator = (int(group) for group in match.groups() if group is not None)
-    reduced = denominator not in (0, 1, -1) and math.gcd(numerator, denominator) == 1
-    return "#" if reduced else "#÷#"  # 84/2 is a division still to do, 1/2 a number
-
-
-def _operations(text: str) -> Counter:
-    """The operations a canonical form applies, counted: functions (sqrt, binom, log, sin, ...),
-    `add` (binary + and -, \\pm), `mul` (\\times, \\cdot, *, `2(3)`, `(a)(b)`), `div` (a/b, \\frac, \\div),
-    `pow`, `factorial`, `abs`, and `group` (a parenthesised sum: `(x+1)^2`, `(-k+4)+(-2+3k)`). Numbers are
-    not operations: integers, decimals, reduced fractions, scientific notation; units, $, % and degrees
-    are ignored."""
-    counts: Counter = Counter()
-
-    def command(match: re.Match) -> str:
-        name = match.group()[1:]
-        if name in _FUNCTIONS:
-            counts[_FUNCTIONS[name]] += 1
-            return "@"
-        if name in _BINARY_COMMANDS:
-            return _BINARY_COMMANDS[name]
-        return ";" if name in _SEPARATORS or not name.isalpha() else "a"  # \pi, \infty, \alpha: operands
-
-    def bare(match: re.Match) -> str:
-        counts[_FUNCTIONS[match[1]]] += 1
-        return "@"
-
-    text = _WRAPPED_RE.sub(lambda m: f"\\{m[1].lower()} " if m[1].lower() in _FUNCTIONS else "", text)
-    text = _FRACTION_RE.sub(_fraction_token, _SCIENTIFIC_FORM_RE.sub("#", _IGNORED_RE.sub("", text)))
-    text = _BARE_FUNCTION_RE.sub(bare, _COMMAND_RE.sub(command, text)).replace(" ", "")
-    frames: list[list] = []  # per open (, [ or {: [closing char, holds a binary +/-, holds a comma]
-    for i, char in enumerate(text):
-        before, after = text[i - 1 : i], text[i + 1 : i + 2]
-        operand_before = before.isalnum() or before in ("#", ")", "}", "]", "|", "!", ".")
-        if char in "+-±" and operand_before:
-            counts["add"] += 1
-            if frames:
-                frames[-1][1] = True
-        elif char == "*" or (char == "(" and (before.isdigit() or before in ("#", ")"))):
-            counts["mul"] += 1
-        elif char == ")" and (after.isdigit() or after == "#"):
-            counts["mul"] += 1
-        elif char == "÷" or (char == "/" and operand_before and (after.isalnum() or after in tuple("#({@-"))):
-            counts["div"] += 1
-        elif char == "^":
-            counts["pow"] += 1
-        elif char == "!" and after != "=":
-            counts["factorial"] += 1
-        elif char == "|":
-            counts["abs"] += 1
-        elif char == ",":
-            if frames:
-                frames[-1][2] = True
-        if char in "([{":
-            frames.append([")]}"["([{".index(char)], False, False])
-        elif char in ")]}" and frames and frames[-1][0] == char:
-            closing, has_sum, has_comma = frames.pop()
-            counts["group"] += closing != "}" and has_sum and not has_comma
-    counts["abs"] //= 2
-    return +counts
-
-
-def _adds_operations(answer: str, gold: str) -> bool:
-    """True when the (canonical) answer applies an operation more often than the gold does: an
-    unevaluated form. Lists are compared element by element, against the most any gold element applies."""
-    allowed: Counter = Counter()
-    for element in _split_top(gold, ","):
-        allowed |= _operations(element)
-    return any(_operations(element) - allowed for element in _split_top(answer, ","))
-
-
-def _group_end(text: str, i: int, opening: str, closing: str) -> int:
-    """Index after the group that opens at text[i], or i when none opens there."""
-    if not text.startswith(opening, i):
-        return i
-    depth = 0
-    for j in range(i, len(text)):
-        depth += (text[j] == opening) - (text[j] == closing)
-        if depth == 0:
-            return j + 1
-    return len(text)
-
-
-def _applications(text: str) -> set[str]:
-    """The function applications a canonical form writes, as written: `\\sqrt{242}`, `\\binom{31}{28}`,
-    `\\log_{2}64`, `\\frac{x}{2}` (not a reduced fraction of integers, which is a number)."""
-    found = set()
-    for match in _APPLICATION_RE.finditer(text):
-        name, end = match[1], match.end()
-        if name == "sqrt":
-            end = _group_end(text, end, "[", "]")
-        for _ in range(2 if name in ("frac", "binom") else 1 if name == "sqrt" else 0):
-            end = _group_end(text, end, "{", "}")
-        if name in ("lfloor", "lceil"):
-            close = text.find("\\r" + name[1:], end)
-            end = close + len(name) + 1 if close >= 0 else len(text)
-        elif name not in ("sqrt", "frac", "binom"):
-            for mark in "_^":
-                if text.startswith(mark, end):
-                    end = _group_end(text, end + 1, "{", "}")
-            token = re.match(r"\{|\(|\\[a-zA-Z]+|[\w.]+", text[end:])
-            if token:
-                group = {"{": ("{", "}"), "(": ("(", ")")}.get(token.group())
-                end = _group_end(text, end, *group) if group else end + token.end()
-        application = text[match.start() : end]
-        if not (name == "frac" and _value(application) is not None):
-            found.add(application)
-    return found
-
-
 _MATH_BLOCK_RE = re.compile(r"\$\$(.+?)\$\$|(?<!\\)\$(.+?)(?<!\\)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
 _PLAIN_ARITHMETIC_RE = re.compile(
     r"-?\d+(?:\.\d+)?(?:\s*(?:[-+*/×÷^]|\\times|\\cdot|\\div)\s*-?\d+(?:\.\d+)?)+"
@@ -438,23 +173,27 @@ def _question_forms(question: str) -> tuple[frozenset[str], frozenset[str]]:
     for text in texts[:_MAX_QUESTION_EXPRESSIONS]:
         if len(text) > 4 * MAX_ANSWER_CHARS:
             continue
-        canonical = _canonical(text)
-        forms.add(_unwrapped(canonical))
-        forms.update(_unwrapped(side) for side in _split_top(canonical, "=") if _operations(side))
-        applications |= _applications(canonical)
+        canonical = answer_forms.canonical(text)
+        forms.add(answer_forms.unwrapped(canonical))
+        forms.update(
+            answer_forms.unwrapped(side)
+            for side in answer_forms.split_top(canonical, "=")
+            if answer_forms.operations(side)
+        )
+        applications |= answer_forms.applications(canonical)
     return frozenset(forms), frozenset(applications)
 
 
 def _echoes_question(answer: str, gold: str, question: str) -> bool:
-    """True when the (canonical) answer is one of the question's own expressions (other than a plain
-    number, and other than the gold as written), or writes a function application of the question that the
-    gold does not: `\\sqrt{242}` for "Simplify $\\sqrt{242}$", `\\frac{3}{20}` for "Express $\\frac{3}{20}$
-    as a decimal"."""
+    """True when the (canonical) answer is one of the question's own expressions (other than the gold as
+    written), or writes a function application of the question that the gold does not: `\\sqrt{242}` for
+    "Simplify $\\sqrt{242}$", `\\frac{3}{20}` for "Express $\\frac{3}{20}$ as a decimal", `1.45` for
+    "Express $1.45$ as a fraction", `x=3` for "... has solutions $x=3$" when the gold is 3."""
     forms, applications = _question_forms(question)
-    unwrapped = _unwrapped(answer)
-    if unwrapped in forms and unwrapped != _unwrapped(gold) and not re.fullmatch(r"-?[\d.,]+", unwrapped):
+    unwrapped = answer_forms.unwrapped(answer)
+    if unwrapped in forms and unwrapped != answer_forms.unwrapped(gold):
         return True
-    return bool((_applications(answer) & applications) - _applications(gold))
+    return bool((answer_forms.applications(answer) & applications) - answer_forms.applications(gold))
 
 
 _CONNECTIVES = frozenset(
@@ -474,7 +213,7 @@ def _hedged(completion: str, boxes: list[tuple[int, int, str]]) -> bool:
         words = {word.lower() for word in re.findall(r"[a-zA-Z]+", between)}
         if len(between) > 60 or re.search(r"\d", between) or not words <= _CONNECTIVES:
             return False
-        if not _same_answer(first, second):
+        if not answer_forms.same_answer(first, second):
             return True
     return False
 
@@ -486,26 +225,35 @@ def _contradicted(tail: str, answer: str) -> bool:
         later = _clean_marked(match.group(1))
         if later:
             looks_like_answer = re.search(r"[\d\\]", later) or re.fullmatch(r"\(?[A-E]\)?", later)
-            return bool(looks_like_answer) and not _same_answer(later, answer)
+            return bool(looks_like_answer) and not answer_forms.same_answer(later, answer)
     return False
 
 
 def _not_the_answer(completion: str, answer: str, gold: str, question: str | None) -> bool:
     """True when the extracted answer must score 0 whatever math-verify says (the rule in the module
-    docstring): hedged or contradicted boxes, an equation that states another number, an operation the gold
-    does not apply, or an echo of the question."""
+    docstring): hedged or contradicted boxes, an equation that states another number, an inequality for a
+    number, an operation the gold does not apply, or an echo of the question."""
     boxes = _boxes(completion)
     if boxes and boxes[-1][2] == answer:
         if _hedged(completion, boxes) or _contradicted(completion[boxes[-1][1] :], answer):
             return True
-    canonical, gold_canonical = _canonical(answer), _canonical(gold)
-    sides = [canonical] if _RELATION_RE.search(gold_canonical) else _split_top(canonical, "=")
-    final = _value(sides[-1])
-    if final is not None and any(_value(side) not in (None, final) for side in sides[:-1]):
+    canonical, gold_canonical = answer_forms.canonical(answer), answer_forms.canonical(gold)
+    sides = (
+        [canonical]
+        if answer_forms.RELATION_RE.search(gold_canonical)
+        else answer_forms.split_top(canonical, "=")
+    )
+    final = answer_forms.value(sides[-1])
+    if final is not None and any(answer_forms.value(side) not in (None, final) for side in sides[:-1]):
         return True  # `43 = 42`: which one is the answer?
-    if _adds_operations(sides[-1], gold_canonical):
+    if answer_forms.value(gold_canonical) is not None and answer_forms.INEQUALITY_RE.search(canonical):
+        return True  # `0 < p < 15` or `y \le 1` for 15 or 1: a range, not the number
+    if answer_forms.adds_operations(sides[-1], gold_canonical):
         return True
-    return bool(question) and _echoes_question(sides[-1], gold_canonical, question)
+    if not question:
+        return False
+    forms = dict.fromkeys((sides[-1], canonical))  # the value, and the whole answer: `x = 3` for "If $x=3$"
+    return any(_echoes_question(form, gold_canonical, question) for form in forms)
 
 
 def _exponent(text: str, start: int) -> str:
@@ -669,7 +417,7 @@ def score(
             return 0.0, answer
         if _not_the_answer(completion, answer, gold, question):
             return 0.0, answer
-        gold_text, answer_text = _plain_text(gold), _plain_text(answer)
+        gold_text, answer_text = answer_forms.plain_text(gold), answer_forms.plain_text(answer)
         if os.name != "posix":  # math-verify's non-POSIX timeout pickles a local function: it would fail
             ok = _verify_texts(gold_text, answer_text, None)
         elif threading.current_thread() is threading.main_thread():

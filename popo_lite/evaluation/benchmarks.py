@@ -109,7 +109,7 @@ def _lengths_and_cuts(rollouts: Rollouts, stop_ids: list[int]) -> tuple[list[int
 
 
 def _record(name: str, problem: Problem, prompt: str, texts: list[str], lengths, cuts) -> dict:
-    scored = [score(text, problem.answer) for text in texts]
+    scored = [score(text, problem.answer, question=problem.problem) for text in texts]
     correct = [reward > 0 for reward, _ in scored]
     return {
         "benchmark": name,

@@ -109,7 +109,10 @@ def generate(session: Session, prompts: list[str]) -> Rollouts:
 def reward(rollouts: Rollouts, batch: list[Problem]) -> tuple[torch.Tensor, list[str | None]]:
     """Binary rewards (B, G) from math-verify, and each completion's extracted answer."""
     group = rollouts.group_size
-    scored = [score(text, batch[i // group].answer) for i, text in enumerate(rollouts.texts)]
+    problems = [batch[i // group] for i in range(len(rollouts.texts))]
+    scored = [
+        score(text, p.answer, question=p.problem) for text, p in zip(rollouts.texts, problems, strict=True)
+    ]
     rewards = torch.tensor([value for value, _ in scored], dtype=torch.float32).view(len(batch), group)
     return rewards, [extracted for _, extracted in scored]
 
