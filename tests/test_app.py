@@ -120,6 +120,7 @@ def panel(tiny_model_dir, digit_problems, tmp_path_factory):
     runs, configs, log = base / "runs", base / "configs", base / "app.log"
     configs.mkdir()
     (configs / "tiny.yaml").write_text(TINY_CONFIG.format(model=tiny_model_dir, dataset=digit_problems))
+    (configs / "default.yaml").write_text((ROOT / "configs" / "default.yaml").read_text())  # opened first
     _write_cli_run(runs)
     port = _free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -188,9 +189,23 @@ def test_panel_binds_to_localhost_only(panel):
     assert _listening_addresses(panel.port) == ["0100007F"]  # 127.0.0.1, nothing on 0.0.0.0 or ::
 
 
+def test_launch_opens_on_the_default_recipe_the_embedded_cpu_run(page, panel):
+    from playwright.sync_api import expect
+
+    expect(page.locator("#config-choice input")).to_have_value("default.yaml")  # not the first by name
+    expect(page.locator("#config-editor")).to_contain_text("model: embedded")
+
+
+def _pick_recipe(page, name: str) -> None:
+    page.locator("#config-choice input").click()
+    page.get_by_role("option", name=name).click()
+
+
 def test_launch_starts_a_run_and_refuses_a_second_or_escaping_one(page, panel):
     from playwright.sync_api import expect
 
+    _pick_recipe(page, "tiny.yaml")
+    expect(page.locator("#config-editor")).to_contain_text("predictor_dim: 16")
     expect(page.locator("#config-editor")).to_contain_text("prompts_per_step")
     page.locator("#plan-button").click()  # the memory plan of the config as it would start
     expect(page.locator("#plan-message")).to_contain_text("memory plan:", timeout=120_000)
@@ -223,13 +238,31 @@ def test_watch_shows_the_step_counter_and_plots_update_live(page, panel):
     expect(progress).to_have_attribute("data-step", "3", timeout=120_000)
     line = page.locator("#plot-reward_mean path[aria-roledescription='line mark']").first
     expect(line).to_have_attribute("d", _path_with_points(3), timeout=20_000)  # all three steps drawn
+    x_axis = page.locator("#plot-reward_mean g[aria-roledescription='axis'][aria-label^='X-axis']")
+    expect(x_axis).to_have_attribute("aria-label", re.compile(r"discrete scale with 3 values: 1, 2, 3$"))
+    ticks = x_axis.locator(".role-axis-label text").evaluate_all("texts => texts.map(t => t.textContent)")
+    assert ticks == ["1", "2", "3"]  # one label per step, none between
+    summary = page.locator(f"#run-summary .run-summary[data-run='{RUN}']")  # the CLI's end-of-run summary
+    expect(summary).to_contain_text("popo: 3 steps")
+    expect(summary).to_contain_text("train reward:")
+    expect(summary).to_contain_text(f"run directory: {panel.runs / RUN}")
+    expect(summary).to_contain_text("before ->")  # the default eval_every: held-out before and after
+    expect(page.locator("#plot-cosine_policy_ema")).to_be_visible()
     page.locator("#watch-runs input").click()
     page.get_by_role("option", name="cli-grpo").click()  # a CLI run, overlaid
     page.keyboard.press("Escape")
     expect(page.locator("#plot-reward_mean path[aria-roledescription='line mark']")).to_have_count(2)
     expect(page.locator("#progress .run-progress[data-run='cli-grpo']")).to_have_attribute("data-step", "3")
+    expect(page.locator("#run-summary .run-summary[data-run='cli-grpo']")).to_contain_text("grpo: 3 steps")
     page.wait_for_timeout(1000)
     page.screenshot(path=ARTIFACTS / "panel-watch.png", full_page=True)
+    page.locator("#watch-runs .token", has_text=RUN).locator(".token-remove").click()  # the GRPO run alone
+    expect(page.locator("#run-summary .run-summary")).to_have_count(1)
+    for plot in ("cosine_policy_ema", "eval_"):  # POPO-only, and no eval_every: hidden, not empty axes
+        expect(page.locator(f"#plot-{plot}")).to_be_hidden()
+    expect(page.locator("#run-summary .not-recorded")).to_contain_text("cosine policy vs EMA, eval pass@1")
+    expect(page.locator("#plot-kl_policy_ema")).to_be_visible()  # its KL vs base
+    page.screenshot(path=ARTIFACTS / "panel-watch-grpo.png", full_page=True)
 
 
 def _path_with_points(count: int) -> re.Pattern:

@@ -257,3 +257,41 @@ def test_plot_frames_overlay_runs_and_pick_up_every_eval_benchmark(tmp_path):
     evals = plot_frame(root, ["a"], plots["eval pass@1 (eval_every)"])
     assert sorted(evals["series"]) == ["a · gsm8k_test", "a · math500"]
     assert plot_frame(root, ["a"], plots["loss"]).empty
+
+
+def test_plot_frames_leave_out_what_a_step_did_not_record_and_label_steps_as_integers(tmp_path):
+    from popo_lite.panel.views import CATEGORY_STEPS, PLOTS, integer_steps, plot_frame
+
+    root = tmp_path / "runs"
+    records = [{"step": s, "generation_tokens_per_s": 100.0 + s} for s in (1, 2, 3)]
+    records[0]["train_tokens_per_s"] = records[2]["train_tokens_per_s"] = 900.0  # step 2: no update
+    (_make_run(root, "a") / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    frame = plot_frame(root, ["a"], dict(PLOTS)["tokens / s"])
+    train = frame[frame["series"] == "a · train"]
+    assert list(train["step"]) == [1, 3] and list(train["value"]) == [900.0, 900.0]  # no zero, no fill
+    assert list(frame[frame["series"] == "a · generation"]["step"]) == [1, 2, 3]
+    assert plot_frame(root, ["a"], dict(PLOTS)["eval pass@1 (eval_every)"]).empty
+    shown, order = integer_steps(frame)  # a short run: one category per step, in step order
+    assert order == ["1", "2", "3"] and set(shown["step"]) == {"1", "2", "3"}
+    wide = frame.assign(step=[1, 2, 1 + CATEGORY_STEPS, 1, 1])  # a long run: integers on a numeric axis
+    shown, order = integer_steps(wide)
+    assert order is None and str(shown["step"].dtype) == "int64"
+    assert integer_steps(wide.assign(step=[1, 2, CATEGORY_STEPS, 1, 1]))[1] == ["1", "2", str(CATEGORY_STEPS)]
+
+
+def test_watch_summary_is_the_cli_summary_escaped_and_empty_before_the_first_step(tmp_path):
+    from popo_lite.panel.views import render_not_recorded, render_summaries
+    from popo_lite.training.summary import render_summary, run_summary
+
+    root = tmp_path / "<b>runs"  # the summary names the run directory: a path is text, not markup
+    _make_run(root, "empty")
+    run_dir = _make_run(root, "r")
+    records = [{"step": s, "algo": "popo", "reward_mean": 0.25 * s, "positive_rate": 0.5} for s in (1, 2)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert render_summaries(root, ["empty"]) == ""
+    html = render_summaries(root, ["empty", "r"])
+    assert "<b>runs" not in html and "&lt;b&gt;runs/r" in html
+    assert "train reward: 0.250 at step 1 -&gt; 0.500 at step 2" in html
+    assert html.count('class="run-summary"') == 1 and len(render_summary(run_summary(run_dir))) > 0
+    assert "Not recorded in this run: KL, eval." in render_not_recorded(["KL", "eval"])
+    assert render_not_recorded([]) == ""

@@ -24,9 +24,12 @@ from popo_lite.panel.views import (
     MODELS,
     PLOTS,
     form_values,
+    integer_steps,
     plot_frame,
+    render_not_recorded,
     render_progress,
     render_rollouts,
+    render_summaries,
 )
 from popo_lite.training.job_slot import active_jobs
 from popo_lite.training.runs import (
@@ -45,6 +48,8 @@ from popo_lite.training.runs import (
 )
 
 __all__ = ["CSS", "build_panel"]
+
+DEFAULT_RECIPE = "default.yaml"  # the embedded CPU run: what any machine runs; GPU recipes one click away
 
 
 # --- callbacks (root and configs folder bound with functools.partial) -------------------------------
@@ -166,26 +171,42 @@ def watch_tick(root: Path, names: list[str] | None, seen: tuple | None) -> tuple
     """Progress every tick; plots only when a watched run logged a new step, and once more after that.
 
     Why once more: the browser shows a LinePlot's data one update late (measured with Gradio 6.31: the
-    chart showed steps 1-2 while step 3 had been sent), so each new state is sent on two ticks.
+    chart showed steps 1-2 while step 3 had been sent), so each new state is sent on two ticks. The
+    summary (checked every tick: a checkpoint lands after its step's metrics) is sent when it changed;
+    a plot no step recorded is hidden and named under the summary.
     """
     names = [name for name in (names or []) if name]
     try:
         signature = tuple((name, len(read_jsonl(run_path(root, name) / "metrics.jsonl"))) for name in names)
     except RunsError as error:
-        return f"<p>{escape(str(error))}</p>", *[gr.skip()] * len(PLOTS), seen, jobs_line(root)
-    last, sent = seen if seen else (None, 0)
+        return f"<p>{escape(str(error))}</p>", gr.skip(), *[gr.skip()] * len(PLOTS), seen, jobs_line(root)
+    last, sent, note, shown = seen if seen else (None, 0, "", None)
     sent = sent + 1 if signature == last else 1
     if sent > 2:
         plots = [gr.skip()] * len(PLOTS)
     else:
-        plots = [_plot_update(plot_frame(root, names, series)) for _, series in PLOTS]
-    return render_progress(root, names), *plots, (signature, min(sent, 3)), jobs_line(root)
+        frames = [plot_frame(root, names, series) for _, series in PLOTS]
+        plots = [_plot_update(frame) for frame in frames]
+        empty = [title for (title, _), frame in zip(PLOTS, frames, strict=True) if frame.empty]
+        note = render_not_recorded(empty) if len(empty) < len(PLOTS) else ""  # no step yet: nothing
+    summary = render_summaries(root, names) + note
+    state = (signature, min(sent, 3), note, summary)
+    return (
+        render_progress(root, names),
+        gr.skip() if summary == shown else summary,
+        *plots,
+        state,
+        jobs_line(root),
+    )
 
 
 def _plot_update(frame: pd.DataFrame) -> dict:
+    if frame.empty:  # a metric no step recorded (no eval_every, KL vs EMA of a GRPO run): no empty axes
+        return gr.update(visible=False)
+    frame, order = integer_steps(frame)
     # Gradio 6's LinePlot builds its chart (colour domain included) once, then only swaps the data:
     # a series absent at the first draw is never drawn. A new `colors_in_legend` makes it rebuild.
-    return gr.update(value=frame, colors_in_legend=sorted(set(frame["series"])))
+    return gr.update(value=frame, visible=True, sort=order, colors_in_legend=sorted(set(frame["series"])))
 
 
 def rollout_run_changed(
@@ -272,7 +293,7 @@ def build_panel(root: str | Path, configs: str | Path) -> gr.Blocks:
                 with gr.Row():
                     recipe = gr.Dropdown(
                         recipes,
-                        value=recipes[0] if recipes else None,
+                        value=DEFAULT_RECIPE if DEFAULT_RECIPE in recipes else (recipes or [None])[0],
                         label="Config from configs/",
                         elem_id="config-choice",
                     )
@@ -312,6 +333,7 @@ def build_panel(root: str | Path, configs: str | Path) -> gr.Blocks:
                     elem_id="watch-runs",
                 )
                 progress = gr.HTML(elem_id="progress")
+                summary = gr.HTML(elem_id="run-summary")  # the end-of-run summary, as the CLI prints it
                 plots = []
                 for row in range(0, len(PLOTS), 3):
                     with gr.Row():
@@ -324,6 +346,7 @@ def build_panel(root: str | Path, configs: str | Path) -> gr.Blocks:
                                     title=title,
                                     y_title=" ",  # the title says what it is
                                     height=220,
+                                    y_aggregate="mean",  # steps as categories: one value per step anyway
                                     elem_id="plot-" + next(iter(series)).rstrip("*"),
                                 )
                             )
@@ -371,9 +394,10 @@ def build_panel(root: str | Path, configs: str | Path) -> gr.Blocks:
         panel.load(partial(newest_runs, root), None, [*pickers, known])
         ticker = gr.Timer(2.0)
         ticker.tick(partial(refresh_runs, root), known, [*pickers, known])
-        ticker.tick(partial(watch_tick, root), [watched, seen], [progress, *plots, seen, active])
+        watch_outputs = [progress, summary, *plots, seen, active]
+        ticker.tick(partial(watch_tick, root), [watched, seen], watch_outputs)
         redraw = partial(watch_tick, root, seen=None)  # a new selection redraws the plots at once
-        watched.change(redraw, watched, [progress, *plots, seen, active])
+        watched.change(redraw, watched, watch_outputs)
         browse = partial(rollout_run_changed, root)
         rollout_run.change(browse, [rollout_run, view, colour], [step, group, inspector])  # latest step
         for trigger in (panel.load, reload.click, rollouts_tab.select):

@@ -17,6 +17,7 @@ import yaml
 from popo_lite.config import Config
 from popo_lite.panel import jobs
 from popo_lite.training.runs import RunsError, group_rollouts, read_jsonl, run_path
+from popo_lite.training.summary import render_summary, run_summary
 
 # The Launch form: the main knobs; the YAML editor holds everything else.
 FORM = tuple(
@@ -37,6 +38,11 @@ PLOTS = (
     ("peak memory (GiB)", {"peak_memory_gib_gpu": "GPU", "peak_memory_gib_rss": "RSS"}),
     ("eval pass@1 (eval_every)", {"eval_*": "eval"}),  # one series per benchmark: eval_<name>
 )
+# Below this many steps between the first and the last plotted one, steps are drawn as categories: a
+# numeric axis over a short range gets fractional ticks (1, 1.5, 2, ...), and Gradio's LinePlot has no
+# way to ask for integer ones. From it on, a numeric axis up to ~880 px wide ticks integers (Vega asks
+# for width/40 ticks and rounds their spacing to 1, 2 or 5 times a power of ten).
+CATEGORY_STEPS = 16
 CSS = """
 .rollout { border: 1px solid #ccc; border-radius: 6px; padding: 6px 10px; margin: 4px 0; }
 .rollout.positive { border: 2px solid #1a7f37; background: #e9f7ee; }
@@ -50,6 +56,8 @@ CSS = """
 .bar { background: #eee; border-radius: 4px; height: 14px; margin: 4px 0 10px; }
 .fill { background: #2f6fdf; height: 14px; border-radius: 4px; }
 .token { border-radius: 2px; }
+.run-summary { white-space: pre-wrap; font-size: 13px; margin: 4px 0 10px; }
+.not-recorded { color: #666; font-size: 13px; }
 """
 
 
@@ -84,10 +92,33 @@ def render_progress(root: Path, names: list[str]) -> str:
     return "".join(blocks) or "<p>Pick one or more runs.</p>"
 
 
+def render_summaries(root: Path, names: list[str]) -> str:
+    """The end-of-run summary (what the CLI prints last) of each run with a step, as escaped text."""
+    blocks = []
+    for name in names:
+        try:
+            summary = run_summary(run_path(root, name))
+            text = render_summary(summary) if summary else None
+        except (RunsError, KeyError, TypeError, ValueError):  # a run folder no trainer wrote
+            continue
+        if text:
+            blocks.append(f'<pre class="run-summary" data-run="{escape(name)}">{escape(text)}</pre>')
+    return "".join(blocks)
+
+
+def render_not_recorded(titles: list[str]) -> str:
+    """The line that names the plots left out because no step of the watched runs recorded them."""
+    if not titles:
+        return ""
+    return f'<p class="not-recorded">Not recorded in this run: {escape(", ".join(titles))}.</p>'
+
+
 def plot_frame(root: Path, names: list[str], series: dict[str, str]) -> pd.DataFrame:
     """Long format (step, value, series) for a LinePlot; a run's name alone when it has one series.
 
-    A key ending in '*' takes every metric with that prefix, labelled by the rest of its name.
+    A key ending in '*' takes every metric with that prefix, labelled by the rest of its name. Only
+    what a step recorded becomes a row: a metric a step left out (train throughput on a step with no
+    update) has no row there, never a zero or the previous value.
     """
     rows = []
     for name in names:
@@ -107,6 +138,18 @@ def plot_frame(root: Path, names: list[str], series: dict[str, str]) -> pd.DataF
     # Explicit dtypes: a first, empty frame of objects would make the plot's axes categorical for good.
     frame = pd.DataFrame(rows, columns=["step", "value", "series"])
     return frame.astype({"step": "int64", "value": "float64"})
+
+
+def integer_steps(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str] | None]:
+    """The frame as plotted, and the order of its steps when they are categories (else None).
+
+    Over fewer than CATEGORY_STEPS steps the step column becomes text ("1", "2", ...) in step order, so
+    the axis labels each step once and nothing between; over more, the numeric axis ticks integers.
+    """
+    steps = sorted(set(frame["step"]))
+    if steps and steps[-1] - steps[0] >= CATEGORY_STEPS:
+        return frame, None
+    return frame.astype({"step": "str"}), [str(step) for step in steps]
 
 
 def _tokens_html(record: dict) -> str:
