@@ -133,6 +133,10 @@ def panel(tiny_model_dir, digit_problems, tmp_path_factory):
         str(runs),
         "--configs-dir",
         str(configs),
+        "--allow-path",  # the tiny model and its data live in pytest's temp folders, outside the runs folder
+        str(tiny_model_dir),
+        "--allow-path",
+        str(digit_problems.parent),
     ]
     with open(log, "wb") as output:
         app = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)

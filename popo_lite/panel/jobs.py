@@ -26,7 +26,8 @@ from pathlib import Path
 
 import yaml
 
-from popo_lite.config import Config, ConfigError, load_config
+from popo_lite.config import Config, ConfigError, load_config, parse_yaml_text
+from popo_lite.panel.paths import BrowserAccess
 from popo_lite.training.job_slot import (
     CHILDREN,
     PANEL_JOB_ENV,
@@ -37,7 +38,15 @@ from popo_lite.training.job_slot import (
     lock_path,
     slot_of,
 )
-from popo_lite.training.runs import RunsError, check_name, read_config, read_jsonl, resolve_inside, run_path
+from popo_lite.training.runs import (
+    RunsError,
+    check_name,
+    inside_folder,
+    read_config,
+    read_jsonl,
+    resolve_inside,
+    run_path,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 LOG_NAME = "train.log"
@@ -54,12 +63,9 @@ def _child_env() -> dict[str, str]:
 def _config_values(config_text: str) -> dict:
     """The YAML text of a config as a mapping, or a RunsError saying why not."""
     try:
-        values = yaml.safe_load(config_text or "") or {}
-    except yaml.YAMLError as error:
-        raise RunsError(f"the config is not valid YAML: {error}") from None
-    if not isinstance(values, dict):
-        raise RunsError("the config must be a mapping of config keys")
-    return values
+        return parse_yaml_text(config_text or "", "the config")
+    except ConfigError as error:
+        raise RunsError(str(error)) from None
 
 
 def _spawn(root: Path, slot: str, job: dict, command: list[str], log: Path) -> int:
@@ -84,16 +90,25 @@ def _spawn(root: Path, slot: str, job: dict, command: list[str], log: Path) -> i
     return child.pid
 
 
-def plan_memory(config_text: str, overrides: dict, gpu_gib: float) -> str:
+def plan_memory(
+    config_text: str,
+    overrides: dict,
+    gpu_gib: float,
+    *,
+    root: str | Path,
+    access: BrowserAccess | None = None,
+) -> str:
     """`python -m popo_lite.plan` on YAML text plus overrides, in a subprocess (it may load a model's
-    shapes: torch stays out of the panel process); returns its table, verdict or error."""
+    shapes: torch stays out of the panel process); returns its table, verdict or error. The config is
+    held to the browser's path rule (paths.py) against the runs folder `root` first."""
     try:
-        values = _config_values(config_text)
+        values = {**_config_values(config_text), **overrides}
+        (access or BrowserAccess()).check(values, root)
     except RunsError as error:
         return str(error)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "config.yaml"
-        path.write_text(yaml.safe_dump({**values, **overrides}))
+        path.write_text(yaml.safe_dump(values))
         command = [sys.executable, "-m", "popo_lite.plan", "--config", str(path), "--gpu_gib", str(gpu_gib)]
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=_child_env())
@@ -103,9 +118,17 @@ def plan_memory(config_text: str, overrides: dict, gpu_gib: float) -> str:
 
 
 def launch_run(
-    root: str | Path, name: str, config_text: str = "", overrides: dict | None = None, resume: bool = False
+    root: str | Path,
+    name: str,
+    config_text: str = "",
+    overrides: dict | None = None,
+    resume: bool = False,
+    *,
+    access: BrowserAccess | None = None,
 ) -> int:
-    """Create run `name` from YAML text plus overrides (or resume it) and start training; returns the pid."""
+    """Create run `name` from YAML text plus overrides (or resume it) and start training; returns the pid.
+
+    The config (a resumed run's config.yaml too) is held to the browser's path rule (paths.py) first."""
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     run_dir = run_path(root, name)
@@ -113,10 +136,12 @@ def launch_run(
         if not (run_dir / "config.yaml").is_file():
             raise RunsError(f"no run {name!r} to resume")
         values = {**read_config(run_dir), **(overrides or {})}
+        values.pop("output_dir", None)  # where it was written from: the panel sets it below
     else:
         if run_dir.exists() and any(run_dir.iterdir()):
             raise RunsError(f"run {name!r} already exists: pick another run name")
         values = {**_config_values(config_text), **(overrides or {})}
+    (access or BrowserAccess()).check(values, root)
     values.update(output_dir=str(root), run_name=name)  # the UI decides where a run lives, not the YAML
     try:
         config: Config = load_config(None, values)
@@ -170,13 +195,16 @@ def launch_evaluation(
     benchmarks: str,
     limit: int,
     max_new_tokens: int | None = None,
+    *,
+    access: BrowserAccess | None = None,
 ) -> str:
     """Evaluate one adapter of one checkpoint of run `name`; returns the evaluation's folder name.
 
     Results land in `<run>/evaluations/<folder>/` (results.md, results.json), the log beside it in
     `<folder>.log` (the evaluator wants a new or empty output folder). The evaluator takes the base model,
     --qlora and the prompt template from the adapter's run. The job holds the run's GPU slot like
-    training does: both at once need not fit on the card.
+    training does: both at once need not fit on the card. The benchmarks, and the model the evaluator
+    takes from the run's config.yaml, are held to the browser's path rule (paths.py).
     """
     root = Path(root).resolve()
     run_dir = run_path(root, name)
@@ -185,17 +213,19 @@ def launch_evaluation(
     adapter_dir = resolve_inside(root, name, "checkpoints", check_name(checkpoint, "checkpoint"), adapter)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise RunsError(f"{checkpoint} of run {name!r} has no {adapter} adapter")
-    # Bundled benchmark names only: a file path from the browser would read outside the runs folder.
-    names = [check_name(part.strip(), "benchmark") for part in benchmarks.split(",") if part.strip()]
+    names = [part.strip() for part in benchmarks.split(",") if part.strip()]
     if not names:
         raise RunsError("name at least one benchmark")
+    run_config = read_config(run_dir)
+    model = {key: run_config[key] for key in ("model", "gguf_file", "trust_remote_code") if key in run_config}
+    (access or BrowserAccess()).check({**model, "eval_benchmarks": names}, root)
     if int(limit) < 1 or (max_new_tokens is not None and int(max_new_tokens) < 1):
         raise RunsError("the problem limit and max new tokens must be >= 1")
     folder = f"{checkpoint}-{adapter}-{time.strftime('%Y%m%d-%H%M%S')}"
     output = resolve_inside(root, name, "evaluations", folder)
     output.parent.mkdir(exist_ok=True)
-    command = [sys.executable, "-m", EVALUATE_MODULE, "--adapter", str(adapter_dir), "--benchmarks",
-               ",".join(names), "--limit", str(int(limit)), "--output", str(output)]  # fmt: skip
+    command = [sys.executable, "-m", EVALUATE_MODULE, "--adapter", str(adapter_dir), "--limit",
+               str(int(limit)), "--output", str(output), "--benchmarks=" + ",".join(names)]  # fmt: skip
     if max_new_tokens is not None:
         command += ["--max_new_tokens", str(int(max_new_tokens))]
     device = read_config(run_dir).get("device", "auto")
@@ -286,6 +316,8 @@ def log_tail(root: str | Path, name: str, characters: int = 3000) -> str:
 
 
 def _tail(path: Path, characters: int) -> str:
+    if not inside_folder(path):  # a log that is a symlink out of its run folder is not read
+        return ""
     try:
         with open(path, "rb") as handle:
             handle.seek(max(0, path.stat().st_size - characters))

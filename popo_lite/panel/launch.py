@@ -39,6 +39,19 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--share", action="store_true", help="Also open a public gradio.live link (opt-in).")
     parser.add_argument("--auth", help="USER:PASSWORD for basic auth (or set POPO_PANEL_AUTH).")
+    parser.add_argument(
+        "--allow-path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="A folder (repeatable) whose files a config from the browser may name (model, dataset, "
+        "eval_benchmarks, gguf_file), besides the runs and configs folders; symlinks are followed.",
+    )
+    parser.add_argument(
+        "--allow-remote-code",
+        action="store_true",
+        help="Let a config from the browser set trust_remote_code: true (refused otherwise).",
+    )
     return parser
 
 
@@ -52,6 +65,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             print("error: --auth must be USER:PASSWORD", file=sys.stderr)
             return 2
         auth = (user, password)
+    for folder in args.allow_path:
+        if not Path(folder).expanduser().is_dir():
+            print(f"error: --allow-path {folder}: not a folder", file=sys.stderr)
+            return 2
     if (args.share or args.host not in ("127.0.0.1", "localhost", "::1")) and auth is None:
         print("warning: the panel is reachable beyond this machine without --auth", file=sys.stderr)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -66,7 +83,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         )
         return 1
 
-    build_panel(args.runs_dir, args.configs_dir).launch(
+    build_panel(args.runs_dir, args.configs_dir, args.allow_path, args.allow_remote_code).launch(
         server_name=args.host,
         server_port=args.port,
         share=args.share,

@@ -4,7 +4,8 @@ A thin shell over run directories (runs.py), detached jobs (jobs.py) and views (
 imports torch or math-verify: the UI process stays light, and math-verify's signal-based timeouts never
 run on a UI worker thread. Every name or path typed or picked in the browser is checked by runs.py
 against the runs root, whichever callback receives it: a crafted request can send what no dropdown
-offers.
+offers. Every config the panel starts, resumes, plans or evaluates is held to paths.py's rule (bundled
+names, Hub ids, paths inside the runs, configs and --allow-path folders) by jobs.py.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import gradio as gr
 import pandas as pd
 
 from popo_lite.panel import jobs
+from popo_lite.panel.paths import BrowserAccess
 from popo_lite.panel.views import (
     CSS,
     FORM,
@@ -92,19 +94,25 @@ def _form_overrides(filled: dict, form: tuple) -> dict:
     }
 
 
-def plan_memory(text: str, filled: dict, gpu_gib: float, *form) -> str:
+def plan_memory(
+    root: Path, text: str, filled: dict, gpu_gib: float, *form, access: BrowserAccess | None = None
+) -> str:
     """The predicted peak GPU memory of the config as it would start (python -m popo_lite.plan)."""
-    plan = jobs.plan_memory(text, _form_overrides(filled, form), float(gpu_gib or 24))
+    plan = jobs.plan_memory(
+        text, _form_overrides(filled, form), float(gpu_gib or 24), root=root, access=access
+    )
     return f"```\n{plan}\n```"
 
 
-def start_run(root: Path, text: str, filled: dict, name: str, *form) -> tuple:
+def start_run(
+    root: Path, text: str, filled: dict, name: str, *form, access: BrowserAccess | None = None
+) -> tuple:
     """Start a run from the editor's YAML, overridden by the form fields the user changed."""
     overrides = _form_overrides(filled, form)
     algo = overrides.get("algo") or (filled or {}).get("algo") or "popo"
     name = (name or "").strip() or f"{algo}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        pid = jobs.launch_run(root, name, text, overrides)
+        pid = jobs.launch_run(root, name, text, overrides, access=access)
     except RunsError as error:
         return f"**Not started.** {escape(str(error))}", gr.skip(), *[gr.skip()] * 3
     runs = list_runs(root)
@@ -118,10 +126,10 @@ def start_run(root: Path, text: str, filled: dict, name: str, *form) -> tuple:
     )
 
 
-def resume_run(root: Path, name: str) -> str:
+def resume_run(root: Path, name: str, access: BrowserAccess | None = None) -> str:
     """Continue the named run from its last checkpoint, with its own config.yaml."""
     try:
-        pid = jobs.launch_run(root, (name or "").strip(), resume=True)
+        pid = jobs.launch_run(root, (name or "").strip(), resume=True, access=access)
     except RunsError as error:
         return f"**Not resumed.** {escape(str(error))}"
     return f"Resumed run **{escape(name.strip())}** (pid {pid})."
@@ -251,11 +259,25 @@ def evaluation_run_changed(root: Path, name: str | None) -> tuple:
 
 
 def start_evaluation(
-    root: Path, name: str, checkpoint: str, adapter: str, benchmarks: str, limit, tokens
+    root: Path,
+    name: str,
+    checkpoint: str,
+    adapter: str,
+    benchmarks: str,
+    limit,
+    tokens,
+    access: BrowserAccess | None = None,
 ) -> tuple:
     try:
         folder = jobs.launch_evaluation(
-            root, name or "", checkpoint or "", adapter, benchmarks, int(limit or 0), int(tokens or 0) or None
+            root,
+            name or "",
+            checkpoint or "",
+            adapter,
+            benchmarks,
+            int(limit or 0),
+            int(tokens or 0) or None,
+            access=access,
         )
     except (RunsError, ValueError) as error:
         return f"**Not started.** {escape(str(error))}", gr.skip()
@@ -279,9 +301,16 @@ def show_evaluation(root: Path, name: str | None, folder: str | None, shown: str
 # --- layout ------------------------------------------------------------------------------------------
 
 
-def build_panel(root: str | Path, configs: str | Path) -> gr.Blocks:
-    """The four tabs over the runs folder `root`; `configs` holds the YAML recipes offered at launch."""
+def build_panel(
+    root: str | Path, configs: str | Path, allowed: tuple = (), allow_remote_code: bool = False
+) -> gr.Blocks:
+    """The four tabs over the runs folder `root`; `configs` holds the YAML recipes offered at launch.
+
+    A config from the browser may name paths inside `root`, `configs` and the `allowed` folders only, and
+    trust_remote_code only with `allow_remote_code` (paths.py).
+    """
     root, configs = Path(root).resolve(), Path(configs).resolve()
+    access = BrowserAccess(configs, tuple(Path(f).expanduser().resolve() for f in allowed), allow_remote_code)
     root.mkdir(parents=True, exist_ok=True)
     recipes = sorted(p.name for p in configs.glob("*.yaml")) if configs.is_dir() else []
     runs = list_runs(root)
@@ -386,10 +415,18 @@ def build_panel(root: str | Path, configs: str | Path) -> gr.Blocks:
         upload.upload(load_upload, upload, [editor, *form, filled])
         editor.blur(sync_form, editor, [*form, filled])
         start.click(
-            partial(start_run, root), [editor, filled, run_name, *form], [launch_message, run_name, *pickers]
+            partial(start_run, root, access=access),
+            [editor, filled, run_name, *form],
+            [launch_message, run_name, *pickers],
+            api_name="start",
         )
-        plan.click(plan_memory, [editor, filled, card, *form], plan_message)
-        resume.click(partial(resume_run, root), run_name, launch_message)
+        plan.click(
+            partial(plan_memory, root, access=access),
+            [editor, filled, card, *form],
+            plan_message,
+            api_name="plan",
+        )
+        resume.click(partial(resume_run, root, access=access), run_name, launch_message, api_name="resume")
         stop.click(partial(stop_job, root), run_name, launch_message)
         panel.load(partial(newest_runs, root), None, [*pickers, known])
         ticker = gr.Timer(2.0)
@@ -410,9 +447,10 @@ def build_panel(root: str | Path, configs: str | Path) -> gr.Blocks:
         for trigger in (evaluation_run.change, panel.load, evaluate_tab.select):
             trigger(partial(evaluation_run_changed, root), evaluation_run, [checkpoint, evaluation])
         evaluate.click(
-            partial(start_evaluation, root),
+            partial(start_evaluation, root, access=access),
             [evaluation_run, checkpoint, adapter, benchmarks, limit, tokens],
             [evaluation_message, evaluation],
+            api_name="evaluate",
         )
         for trigger in (evaluation.change, gr.Timer(3.0).tick):
             trigger(partial(show_evaluation, root), [evaluation_run, evaluation, shown], [results, shown])
