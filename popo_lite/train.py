@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         config_path = saved if saved.is_file() else None
     try:
         config = load_config(config_path, arguments)
+        if resume and config.run_name is None:
+            raise ConfigError("--resume needs --run_name: the name of the run to continue")
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -86,16 +88,18 @@ def _train_with_progress(train, config: Config, resume: bool, show: bool) -> dic
     """Run `train(config)` under a progress bar; returns the last step's record ({} if none ran)."""
     record: dict = {}
     progress = tqdm(total=config.steps, desc=f"{config.algo} {config.model}", unit="step", disable=not show)
-    for record in train(config, resume=resume):
-        progress.n = record["step"]
-        progress.set_postfix(
-            reward=f"{record['reward_mean']:.3f}",
-            pos=f"{record['positive_rate']:.2f}",
-            loss=f"{record['loss']:.4f}" if "loss" in record else "-",
-        )
-        if "warning" in record and show:
-            tqdm.write(f"step {record['step']}: {record['warning']}")
-    progress.close()
+    try:  # closed on an error too, so the error's line is a line of its own
+        for record in train(config, resume=resume):
+            progress.n = record["step"]
+            progress.set_postfix(
+                reward=f"{record['reward_mean']:.3f}",
+                pos=f"{record['positive_rate']:.2f}",
+                loss=f"{record['loss']:.4f}" if "loss" in record else "-",
+            )
+            if "warning" in record and show:
+                tqdm.write(f"step {record['step']}: {record['warning']}")
+    finally:
+        progress.close()
     return record
 
 

@@ -226,22 +226,39 @@ SYNTHETIC = {
 
 
 def _read_rows(path: Path) -> list[Row]:
-    """Rows of a .jsonl, .json (array of objects) or .parquet file."""
+    """Rows of a .jsonl, .json (array of objects) or .parquet file; a DataError names the file (and the
+    line) that is not UTF-8 or not JSON."""
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as handle:
-            return [json.loads(line) for line in handle if line.strip()]
-    if suffix == ".json":
-        text = path.read_text(encoding="utf-8")
-        rows = json.loads(text) if text.strip() else []
-        if not isinstance(rows, list):
-            raise DataError(f"{path}: expected a JSON array of objects, got {type(rows).__name__}")
-        return rows
+    if suffix not in (".jsonl", ".json", ".parquet"):
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
     if suffix == ".parquet":
         import pyarrow.parquet as pq  # installed with `datasets`; imported only when needed
 
-        return pq.read_table(path).to_pylist()
-    raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as error:  # pyarrow's ArrowInvalid and kin: not a parquet file
+            reason = " ".join(str(error).split())[:200]
+            raise DataError(f"{path}: not a readable parquet file ({reason})") from None
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    if suffix == ".json":
+        try:
+            rows = json.loads(text) if text.strip() else []
+        except ValueError as error:
+            raise DataError(f"{path}: not valid JSON: {error}") from None
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: expected a JSON array of objects, got {type(rows).__name__}")
+        return rows
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as error:
+                raise DataError(f"{path}: line {number} is not valid JSON: {error}") from None
+    return rows
 
 
 def _pick_field(rows: list[Row], given: str | None, defaults: tuple[str, ...], role: str, where: str) -> str:
@@ -262,6 +279,12 @@ def _pick_field(rows: list[Row], given: str | None, defaults: tuple[str, ...], r
 def _generic_problems(
     rows: list[Row], source: str, problem_field: str | None, answer_field: str | None
 ) -> list[Problem]:
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(
+                f"{source}: row {index} is not an object with fields but {type(row).__name__} "
+                f"{str(row)[:60]!r}: each row must be a JSON object of fields (problem, answer, ...)"
+            )
     problem_key = _pick_field(rows, problem_field, ("problem", "question", "prompt"), "problem", source)
     answer_key = _pick_field(rows, answer_field, ("answer", "final_answer", "solution"), "answer", source)
     problems = []
@@ -278,6 +301,13 @@ def _generic_problems(
             Problem(_row_id(row, index, "id", "unique_id"), str(row[problem_key]), answer, source, level)
         )
     return problems
+
+
+def _parses(answer: str) -> bool:
+    """Can a completion state this gold? The reward reads a completion's `\\boxed{...}` with the same
+    brace matching (`last_boxed`): a gold that does not come back out of its own box (`\\frac{`, `}{`)
+    can never score, so its row teaches nothing."""
+    return last_boxed("\\boxed{" + answer + "}") == answer.strip()
 
 
 def _looks_like_path(source: str) -> bool:
@@ -322,11 +352,22 @@ def load_problems(
         if not rows:
             raise DataError(f"dataset {source!r} is empty: no rows to train or evaluate on")
         problems = _generic_problems(rows, source, problem_field, answer_field)
-    usable = [problem for problem in problems if problem.answer]
-    if len(usable) < len(problems) and source not in BUNDLED:  # bundled counts are documented instead
-        logger.warning("%s: dropped %d rows without a gold answer", source, len(problems) - len(usable))
+    answered = [problem for problem in problems if problem.answer]
+    usable = [problem for problem in answered if _parses(problem.answer)]
+    if source not in BUNDLED:  # bundled counts are documented instead (every bundled gold parses)
+        if len(answered) < len(problems):
+            logger.warning("%s: dropped %d rows without a gold answer", source, len(problems) - len(answered))
+        if len(usable) < len(answered):
+            example = next(p.answer for p in answered if not _parses(p.answer))
+            logger.warning(
+                "%s: dropped %d rows whose gold answer cannot be parsed (unbalanced braces, e.g. %r): no "
+                "completion could match them",
+                source,
+                len(answered) - len(usable),
+                example[:60],
+            )
     if not usable:
-        raise DataError(f"dataset {source!r} has no row with a gold answer")
+        raise DataError(f"dataset {source!r} has no row with a gold answer that parses")
     problems = usable
     if levels is not None:
         problems = [problem for problem in problems if problem.level in set(levels)]

@@ -8,6 +8,7 @@ base (see siamese.py). The base is never copied: with `--qlora` it is loaded onc
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -70,10 +71,16 @@ def materialise_gguf(gguf_path: Path) -> Path:
     target = cache_dir() / "gguf" / gguf_path.stem
     if (target / "config.json").is_file() and (target / "COMPLETE").is_file():
         return target
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        )
+    except ImportError:  # the gguf package missing: its own message says what to install
+        raise
+    except Exception as error:  # a damaged or unsupported GGUF: its reader raises many kinds
+        reason = " ".join(str(error).split())[:300] or type(error).__name__
+        raise ModelError(f"model: cannot read the GGUF file {gguf_path}: {reason}") from None
     # transformers refuses to save a GGUF-loaded model while it still carries the GGUF quantiser.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -90,28 +97,51 @@ def materialise_gguf(gguf_path: Path) -> Path:
     return target
 
 
+def _check_gguf(path: Path, what: str) -> Path:
+    """A GGUF file starts with the magic b"GGUF": anything else fails here, not deep in the converter."""
+    if not path.is_file():
+        raise ModelError(f"{what}: GGUF file not found: {path}")
+    with open(path, "rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise ModelError(f"{what}: {path} is not a GGUF file (it does not start with the GGUF magic)")
+    return path
+
+
+def _check_model_folder(path: Path) -> None:
+    """A local model folder's config.json must parse as a JSON object (not junk, not a list)."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelError(f"model: {path} is not a model folder (no config.json there)")
+    try:
+        loaded = json.loads(config_file.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        reason = " ".join(str(error).split())[:120]
+        raise ModelError(f"model: {config_file} is not a valid config.json ({reason})") from None
+    if not isinstance(loaded, dict):
+        raise ModelError(f"model: {config_file} is not a model config (a JSON object)")
+
+
 def resolve_model_source(config: Config) -> str:
     """Return what `from_pretrained` should load: a Hub id or a local folder."""
     if config.model == EMBEDDED_MODEL:
         return str(materialise_gguf(embedded_gguf_path()))
     path = Path(config.model).expanduser()
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelError(f"model: GGUF file not found: {path}")
-        return str(materialise_gguf(path))
+        return str(materialise_gguf(_check_gguf(path, "model")))
     if config.gguf_file:
-        gguf = path / config.gguf_file
-        if not gguf.is_file():
-            raise ModelError(f"gguf_file: {gguf} not found")
-        return str(materialise_gguf(gguf))
+        return str(materialise_gguf(_check_gguf(path / config.gguf_file, "gguf_file")))
     looks_local = config.model.startswith((".", "/", "~")) or path.exists()
-    if looks_local and not (path / "config.json").is_file():
-        raise ModelError(f"model: {path} is not a model folder (no config.json there)")
+    if looks_local:
+        _check_model_folder(path)
     return str(path) if looks_local else config.model
 
 
 def load_tokenizer(source: str, config: Config):
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError, KeyError) as error:  # a junk or unsupported tokenizer or config file
+        reason = " ".join(str(error).split())[:300]
+        raise ModelError(f"model: cannot load the tokenizer of {config.model!r}: {reason}") from None
     tokenizer.padding_side = "left"  # generation appends on the right of every prompt
     tokenizer.truncation_side = "left"  # a too-long prompt loses its start, never the assistant header
     if tokenizer.pad_token is None:

@@ -12,9 +12,8 @@ from html import escape
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
-from popo_lite.config import Config
+from popo_lite.config import Config, ConfigError, parse_yaml_text
 from popo_lite.panel import jobs
 from popo_lite.training.runs import RunsError, group_rollouts, read_jsonl, run_path
 from popo_lite.training.summary import render_summary, run_summary
@@ -205,10 +204,8 @@ def render_rollouts(records: list[dict], view: str, group: str, colour: bool, co
 def form_values(text: str) -> dict:
     """The form's fields as the YAML text sets them (Config defaults for the rest); {} if it won't parse."""
     try:
-        loaded = yaml.safe_load(text or "") or {}
-    except yaml.YAMLError:
-        return {}
-    if not isinstance(loaded, dict):
+        loaded = parse_yaml_text(text or "", "the config")
+    except ConfigError:
         return {}
     defaults = {f.name: f.default for f in dataclasses.fields(Config)}
     return {name: loaded.get(name, defaults[name]) for name in FORM}

@@ -5,6 +5,9 @@ lock whose process is gone (ended, crashed, machine rebooted) is stale: the next
 nothing has to be watching when a job ends. The web panel takes it for the jobs it starts
 (`panel/jobs.py`); `python -m popo_lite.train` takes it for its own pid (`holding_slot`), so a terminal
 run and a panel run never share a GPU.
+
+One writer per run directory, whatever the device spelling: the trainer's main process holds
+`<run>/.writer.lock` (flock, its pid inside) from `prepare` until training ends (`hold_run_directory`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from popo_lite.training.runs import RunsError
@@ -24,8 +28,13 @@ CHILDREN: dict[int, subprocess.Popen] = {}  # the panel's own children, polled s
 
 
 def slot_of(device: str) -> str:
-    """The accelerator a run's `device` setting occupies: 'auto' and 'cuda' mean GPU 0."""
-    if device in ("auto", "cuda"):
+    """The accelerator a run's `device` setting occupies: 'cuda' means GPU 0, and so does 'auto' where
+    CUDA is available ('auto' is the CPU's slot elsewhere, as the trainer resolves it)."""
+    if device == "auto":
+        import torch  # here: the panel reads slots without loading torch until it must
+
+        return "gpu0" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
         return "gpu0"
     if str(device).startswith("cuda:"):
         return "gpu" + str(device).split(":", 1)[1]
@@ -111,9 +120,12 @@ def holding_slot(root: str | Path, slot: str, run: str) -> Iterator[None]:
         yield
         return
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     job = {"run": run, "kind": "training", "module": "popo_lite.train", "origin": "command line"}
-    path = claim(root, slot, {**job, "pid": os.getpid(), "started": time.time()})
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        path = claim(root, slot, {**job, "pid": os.getpid(), "started": time.time()})
+    except OSError as error:  # read-only, or a file where the folder should be
+        raise RunsError(f"output_dir: cannot write to {root} ({error.strerror or error})") from None
     try:
         yield
     finally:
@@ -125,3 +137,82 @@ def active_jobs(root: str | Path) -> list[dict]:
     base = Path(root)
     slots = sorted(p.name[len(".active-") : -len(".json")] for p in base.glob(".active-*.json"))
     return [{**job, "slot": slot} for slot in slots if (job := active_job(base, slot)) is not None]
+
+
+# --- one writer per run directory ---------------------------------------------------------------------
+
+WRITER_LOCK = ".writer.lock"
+_HELD: dict[Path, WriterLock] = {}  # the run directories this process writes
+
+
+@dataclass(eq=False)
+class WriterLock:
+    """This process's hold on a run directory: an open, flock()ed `.writer.lock` holding our pid."""
+
+    path: Path
+    descriptor: int | None
+
+    def release(self) -> None:
+        """Remove the lock file and let go (once; a lock a newer session of this process took is kept)."""
+        if _HELD.get(self.path) is not self:
+            return
+        del _HELD[self.path]
+        self.path.unlink(missing_ok=True)  # before closing: a waiter on the old file then sees it gone
+        if self.descriptor is not None:
+            os.close(self.descriptor)
+
+
+def hold_run_directory(run_dir: Path, resume: bool) -> WriterLock:
+    """Become the one writer of `run_dir` (created if missing), or a RunsError naming the holder's pid.
+
+    The lock is the kernel's (flock), so it ends with its process however that ends (a kill, a crash):
+    nothing is ever stale, and a recycled pid cannot hold it. A session this same process abandoned (a
+    notebook's unfinished run) is taken over. A fresh run must find the folder empty but for the lock
+    once it holds it: two starts at the same moment give one run and one refusal.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = (run_dir / WRITER_LOCK).resolve()
+    previous = _HELD.get(path)
+    if previous is not None:  # taken over: the abandoned session's release is then a no-op
+        lock = WriterLock(path, previous.descriptor)
+    else:
+        lock = WriterLock(path, _flock(path, run_dir.name))
+    _HELD[path] = lock
+    if not resume and any(p.name != WRITER_LOCK for p in run_dir.iterdir()):
+        lock.release()
+        raise RunsError(f"run directory {run_dir} already holds a run: use --resume or another --run_name")
+    return lock
+
+
+def _flock(path: Path, run: str) -> int | None:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock (the slot lock still keeps one run per accelerator)
+        return None
+    for _ in range(10):  # a retry follows a holder that removed the file while we opened it
+        descriptor = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(descriptor, 4096).decode("utf-8", "replace")
+            os.close(descriptor)
+            try:
+                pid = json.loads(holder).get("pid")
+            except (ValueError, AttributeError):
+                pid = "unknown, starting"
+            raise RunsError(
+                f"run {run!r} is being written by another process (pid {pid}): one writer per run "
+                "directory; wait for it to end or pick another run_name"
+            ) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(descriptor).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(descriptor)
+            continue
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, json.dumps({"pid": os.getpid(), "started": time.time()}).encode())
+        return descriptor
+    raise RunsError(f"could not take the lock {path}; try again")

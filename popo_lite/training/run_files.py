@@ -22,19 +22,24 @@ from popo_lite.data.problems import Problem
 from popo_lite.engine.rollouts import Rollouts
 from popo_lite.training.checkpoint import checkpoint_name, latest_checkpoint, save_checkpoint
 from popo_lite.training.failures import TrainingError
+from popo_lite.training.job_slot import WRITER_LOCK
 from popo_lite.training.records import StepResult, evaluate_during_training
 
 
 def run_directory(config: Config, resume: bool) -> Path:
     """The run directory: must exist on resume, must not hold a run otherwise. Creates nothing."""
     root = Path(config.output_dir)
+    if resume and config.run_name is None:
+        raise ConfigError("--resume needs --run_name: the name of the run to continue")
     name = config.run_name or f"{config.algo}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir = root / name
     if resume:
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"--resume: no run to resume at {run_dir} (give --run_name of an existing run)")
-    elif run_dir.exists() and any(run_dir.iterdir()):
+    elif run_dir.is_dir() and any(p.name != WRITER_LOCK for p in run_dir.iterdir()):
         raise ConfigError(f"run directory {run_dir} already holds a run: use --resume or another --run_name")
+    elif run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} is a file, not a folder: use another --run_name")
     return run_dir
 
 

@@ -5,7 +5,9 @@ checkpoints/), so runs started from the CLI show up too. Why it is shaped as it 
 
 1. Every path built from browser input goes through `resolve_inside(root, ...)`: a run name is one plain
    folder name, and the resolved path (symlinks followed) must stay under the runs root.
-2. The trainer appends whole lines; a reader may see a half-written last line, which waits for its
+2. Files inside a run folder are read only where they resolve inside it: a `train.log`,
+   `rollouts.jsonl` or `checkpoints` that is a symlink out of the run is treated as absent.
+3. The trainer appends whole lines; a reader may see a half-written last line, which waits for its
    newline. Files are indexed by byte span per step and grown incrementally: a long run's
    rollouts.jsonl (B x G lines a step) is too big to parse on every refresh.
 """
@@ -19,9 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from popo_lite.config import MAX_YAML_BYTES, parse_yaml_text
+from popo_lite.config import RUN_NAME as NAME  # the config refuses the run names the panel won't list
 
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+CHECKPOINT = re.compile(r"step-\d+")  # as training/checkpoint.py names them (not imported: it needs torch)
+MARKER = "COMPLETE"
 FILTERS = ("all", "only positives", "only zero-positive groups")
 
 
@@ -72,16 +76,37 @@ def list_runs(root: str | Path) -> list[str]:
 
 
 def read_config(run_dir: Path) -> dict[str, Any]:
-    try:
-        loaded = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
+    """A run's config.yaml as a mapping; {} when it is missing, not readable or not a config (parsed
+    as the CLI parses configs: bounded in size, no aliases)."""
+    path = run_dir / "config.yaml"
+    if not inside_folder(path):
         return {}
-    return loaded if isinstance(loaded, dict) else {}
+    try:
+        with open(path, "rb") as handle:
+            return parse_yaml_text(handle.read(MAX_YAML_BYTES + 1).decode("utf-8"), str(path))
+    except (OSError, ValueError):  # ConfigError and UnicodeDecodeError are ValueErrors
+        return {}
+
+
+def inside_folder(path: Path) -> bool:
+    """Does `path` (symlinks followed) stay inside the folder it is listed in? A run's files must."""
+    try:
+        return Path(path).resolve().is_relative_to(Path(path).parent.resolve())
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
 
 
 def list_checkpoints(run_dir: Path) -> list[str]:
-    """Complete checkpoints (the trainer writes COMPLETE last), newest first."""
-    found = [p.name for p in (run_dir / "checkpoints").glob("step-*") if (p / "COMPLETE").is_file()]
+    """Complete checkpoints (the trainer writes COMPLETE last), newest first; never a `.partial` folder,
+    nor one reached through a symlink out of the run."""
+    folder = run_dir / "checkpoints"
+    if not inside_folder(folder):
+        return []
+    found = [
+        p.name
+        for p in folder.glob("step-*")
+        if CHECKPOINT.fullmatch(p.name) and inside_folder(p) and (p / MARKER).is_file()
+    ]
     return sorted(found, reverse=True)
 
 
@@ -106,6 +131,8 @@ def _indexed(path: Path) -> _Index:
     """Index new complete lines of `path`; restart when the file shrank or was replaced (resume truncates)."""
     index = _INDEXES.setdefault(path, _Index())
     try:
+        if not inside_folder(path):  # a symlink out of the run folder: not read
+            raise FileNotFoundError(path)
         stat = path.stat()
     except FileNotFoundError:
         index.__init__()

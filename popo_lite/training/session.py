@@ -20,9 +20,11 @@ from popo_lite.data.problems import Problem, format_prompt, load_problems
 from popo_lite.engine.choose import load_policy, rollout_engine
 from popo_lite.engine.rollouts import Rollouts
 from popo_lite.evaluation.benchmarks import load_benchmarks
-from popo_lite.training.checkpoint import latest_checkpoint, load_checkpoint
+from popo_lite.training.checkpoint import CheckpointUnreadable, latest_checkpoint, load_latest
 from popo_lite.training.distributed import Replicas
 from popo_lite.training.distributed import start as start_replicas
+from popo_lite.training.failures import TrainingError
+from popo_lite.training.job_slot import WriterLock, hold_run_directory
 from popo_lite.training.reporting import Reporter, check_reporters
 from popo_lite.training.run_files import run_directory, truncate_jsonl
 
@@ -98,6 +100,7 @@ class Session:
     reporter: Reporter | None  # TensorBoard / W&B, main process only
     step: int = 0
     replicas: Replicas | None = None  # set under `accelerate launch` with several processes
+    writer: WriterLock | None = None  # the main process's hold on run_dir, released when training ends
 
     @property
     def adapters(self) -> tuple[str, ...]:
@@ -137,15 +140,60 @@ def _load_data(config: Config) -> tuple[list[Problem], dict[str, list[Problem]]]
     return problems, eval_problems
 
 
+def _hold(run_dir: Path, resume: bool) -> WriterLock:
+    """The main process's writer lock on `run_dir`: one writer per run directory, whatever the device."""
+    try:
+        return hold_run_directory(run_dir, resume)
+    except OSError as error:  # a read-only or otherwise unusable output_dir
+        reason = error.strerror or error
+        raise ConfigError(f"output_dir: cannot write the run directory {run_dir} ({reason})") from None
+
+
 def prepare(config: Config, resume: bool = False) -> Session:
-    """Check the data, create the run directory, load the model, restore the last checkpoint on resume."""
+    """Check the data, create the run directory, load the model, restore the last checkpoint on resume.
+
+    The main process holds the run directory's writer lock from here until `run` ends (released here
+    when preparing fails; a run folder this call created and left empty is removed again)."""
     check_reporters(config.report_to)  # a missing tensorboard/wandb fails before the long load
     replicas = start_replicas(config)  # None on one process
     problems, eval_problems = _load_data(config)
-    if replicas is None:
+    created: list[Path] = []
+    writer: list[WriterLock] = []
+
+    def claim() -> Path:
         run_dir = run_directory(config, resume)
+        if not run_dir.exists():
+            created.append(run_dir)
+        writer.append(_hold(run_dir, resume))
+        return run_dir
+
+    if replicas is None:
+        run_dir = claim()
     else:  # one name for all processes (a default name carries the main process's clock)
-        run_dir = replicas.main_first(lambda: run_directory(config, resume))
+        run_dir = replicas.main_first(claim)
+    try:
+        session = _prepare_in(config, resume, run_dir, problems, eval_problems, replicas)
+    except BaseException:
+        for lock in writer:
+            lock.release()
+        for folder in created:
+            try:
+                folder.rmdir()  # only if still empty: a failed start leaves no folder behind
+            except OSError:
+                pass
+        raise
+    session.writer = writer[0] if writer else None
+    return session
+
+
+def _prepare_in(
+    config: Config,
+    resume: bool,
+    run_dir: Path,
+    problems: list[Problem],
+    eval_problems: dict[str, list[Problem]],
+    replicas: Replicas | None,
+) -> Session:
     seed_everything(config.seed)
     model, tokenizer, device = load_policy(
         replace(config, device=str(replicas.device)) if replicas else config,
@@ -182,8 +230,16 @@ def prepare(config: Config, resume: bool = False) -> Session:
         reporter=None,
         replicas=replicas,
     )
-    if resume and (last := session.last_checkpoint()) is not None:
-        state = load_checkpoint(last, model, predictor, optimizer, session.scheduler, session.adapters)
+    loaded = None
+    if resume:
+        try:  # the newest checkpoint that loads; a damaged newer one is skipped with a warning
+            loaded = load_latest(
+                run_dir / "checkpoints", model, predictor, optimizer, session.scheduler, session.adapters
+            )
+        except CheckpointUnreadable as error:
+            raise TrainingError(f"--resume: {error}") from None
+    if loaded is not None:
+        _, state = loaded
         session.step = state["step"]
         session.sampler.load_state_dict(state["sampler"])
         session.generator.set_state(state["noise_generator"])

@@ -18,11 +18,11 @@ import torch
 
 from popo_lite.config import Config
 from popo_lite.core.rewards import score
-from popo_lite.core.siamese import ema_update
+from popo_lite.core.siamese import EMA, ema_update
 from popo_lite.core.updates import NonFiniteLoss, Update, grpo_update, kl_policy_ema, popo_update
 from popo_lite.data.problems import Problem, format_prompt
 from popo_lite.engine.rollouts import Rollouts
-from popo_lite.training.failures import out_of_memory_advice
+from popo_lite.training.failures import TrainingError, out_of_memory_advice
 from popo_lite.training.records import PhaseTimer, StepResult, evaluate_during_training, step_record
 from popo_lite.training.run_files import write_step
 from popo_lite.training.session import Session, prepare
@@ -47,6 +47,8 @@ def run(session: Session) -> Iterator[dict]:
     finally:
         if session.reporter is not None:
             session.reporter.close()
+        if session.writer is not None:  # the run directory's writer lock (session.prepare)
+            session.writer.release()
     if session.replicas is not None:
         session.replicas.wait()  # no process leaves while the main one still writes the last checkpoint
 
@@ -159,8 +161,29 @@ def optimizer_step(session: Session, skipped: str | None) -> tuple[float | None,
         grad_norm = float(norm)
         if torch.isfinite(norm):
             session.optimizer.step()
+            check_finite_parameters(session)
         else:
             skipped = f"gradient norm is {grad_norm}"
     session.optimizer.zero_grad(set_to_none=True)
     session.scheduler.step()
     return grad_norm, skipped
+
+
+def check_finite_parameters(session: Session) -> None:
+    """Stop the run when the step just taken left a trained parameter NaN or infinite.
+
+    A finite loss and gradient norm can still give non-finite weights (a huge learning rate, a
+    non-finite clipping bound): checked here, before the EMA update, the record and any checkpoint, so
+    nothing of the step is written. Covers the policy adapter and the predictor (what the optimizer
+    steps) and the EMA adapter (a mix of past policies).
+    """
+    trained = [p for group in session.optimizer.param_groups for p in group["params"]]
+    trained += [p for name, p in session.model.named_parameters() if f".{EMA}." in name]
+    if trained and bool(torch.stack([torch.isfinite(p).all() for p in trained]).all()):
+        return
+    last = session.last_checkpoint()
+    kept = f"the last complete checkpoint ({last}) is intact" if last else "no checkpoint was written yet"
+    raise TrainingError(
+        f"step {session.step + 1}: the update made trained parameters non-finite (NaN or inf); nothing of "
+        f"this step is saved and {kept}: lower learning_rate or max_grad_norm and --resume"
+    )
