@@ -37,6 +37,8 @@ COUNTS = {
     "math_train": 7500 - 2,
     "deepscaler_math": 7474 - 4,
     "arithmetic": 5000,
+    "digit_sums": 5000,
+    "two_digit_sums": 5000,
 }
 
 
@@ -53,7 +55,11 @@ def test_each_bundled_set_loads_with_its_documented_count(name):
     problems = load_problems(name)
     assert len(problems) == COUNTS[name]
     assert all(isinstance(p, Problem) and p.problem and p.answer and p.source == name for p in problems)
-    assert len({p.id for p in problems}) == len(problems) or name == "arithmetic"
+    assert len({p.id for p in problems}) == len(problems) or name in (
+        "arithmetic",
+        "digit_sums",
+        "two_digit_sums",
+    )
 
 
 def test_bundled_names_cover_every_eval_benchmark():
