@@ -29,7 +29,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from gpu_step import device_slug, sample, versions  # noqa: E402
 
 from popo_lite.config import load_config  # noqa: E402
-from popo_lite.data.problems import format_prompt, load_problems  # noqa: E402
+from popo_lite.data.problems import format_prompt, training_problems  # noqa: E402
 from popo_lite.engine.choose import load_policy  # noqa: E402
 from popo_lite.engine.rollouts import CACHES  # noqa: E402
 
@@ -54,13 +54,7 @@ def timed(session: tuple, cache: str, seed: int) -> dict:
 def measure(args: argparse.Namespace) -> dict:
     config = load_config(args.config, {})
     model, tokenizer, device = load_policy(config)
-    problems = load_problems(
-        config.dataset,
-        problem_field=config.problem_field,
-        answer_field=config.answer_field,
-        split=config.dataset_split,
-        levels=tuple(config.levels) if config.levels else None,
-    )[: config.prompts_per_step]
+    problems = training_problems(config)[: config.prompts_per_step]
     prompts = [format_prompt(p.problem, config.prompt_template, tokenizer) for p in problems]
     session = (model, tokenizer, prompts, config)
     for cache in args.caches:

@@ -92,7 +92,7 @@ from popo_lite.config import FIELD_NAMES, Config, ConfigError, add_config_option
 from popo_lite.core.logprobs import completion_stats  # noqa: E402
 from popo_lite.core.rewards import score  # noqa: E402
 from popo_lite.core.siamese import ema_forward  # noqa: E402
-from popo_lite.data.problems import Problem, format_prompt, load_problems  # noqa: E402
+from popo_lite.data.problems import Problem, format_prompt, training_problems  # noqa: E402
 from popo_lite.engine.model import load_base, lora_config  # noqa: E402
 from popo_lite.engine.rollouts import generate_rollouts  # noqa: E402
 from popo_lite.evaluation.benchmarks import EvalSettings, evaluate_problems, load_benchmarks  # noqa: E402
@@ -604,13 +604,7 @@ def train_trl(study: Study, arm: str, seed: int, base: dict) -> dict:
     config.save(run_dir / "config.yaml")
     result = _new_result(study, arm, seed, config)
     started = time.perf_counter()
-    problems = load_problems(
-        config.dataset,
-        problem_field=config.problem_field,
-        answer_field=config.answer_field,
-        split=config.dataset_split,
-        levels=tuple(config.levels) if config.levels else None,
-    )
+    problems = training_problems(config)
     model, tokenizer, device = trl_policy(config)
     dataset = Dataset.from_list(
         [

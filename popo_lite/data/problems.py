@@ -413,3 +413,14 @@ def format_prompt(problem: str, template: str, tokenizer: Any = None) -> str:
         messages = [{"role": "user", "content": problem + " Put the final answer in \\boxed{}."}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     raise DataError(f"unknown prompt template {template!r}; choose one of {', '.join(TEMPLATES)}")
+
+
+def training_problems(config) -> list[Problem]:
+    """The training problems a Config names (`dataset`, its fields, split and MATH levels)."""
+    return load_problems(
+        config.dataset,
+        problem_field=config.problem_field,
+        answer_field=config.answer_field,
+        split=config.dataset_split,
+        levels=tuple(config.levels) if config.levels else None,
+    )

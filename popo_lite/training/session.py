@@ -16,7 +16,7 @@ import torch
 from popo_lite.config import Config, ConfigError
 from popo_lite.core.policy_forward import PolicyForward
 from popo_lite.core.siamese import EMA, POLICY, Predictor, ema_reset
-from popo_lite.data.problems import Problem, format_prompt, load_problems
+from popo_lite.data.problems import Problem, format_prompt, training_problems
 from popo_lite.engine.choose import load_policy, rollout_engine
 from popo_lite.engine.rollouts import Rollouts
 from popo_lite.evaluation.benchmarks import load_benchmarks
@@ -117,13 +117,7 @@ class Session:
 
 def _load_data(config: Config) -> tuple[list[Problem], dict[str, list[Problem]]]:
     """Training problems and evaluation benchmarks, before the model: a bad name fails in seconds."""
-    problems = load_problems(
-        config.dataset,
-        problem_field=config.problem_field,
-        answer_field=config.answer_field,
-        split=config.dataset_split,
-        levels=tuple(config.levels) if config.levels else None,
-    )
+    problems = training_problems(config)
     if len(problems) < config.prompts_per_step:
         raise ConfigError(
             f"dataset {config.dataset!r} has {len(problems)} problems, fewer than "

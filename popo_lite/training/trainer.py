@@ -57,7 +57,8 @@ def step(session: Session) -> dict:
     """One optimizer step; returns its record (also written to the run directory)."""
     config, timer = session.config, PhaseTimer()
     batch, prompts = next_prompts(session)
-    with timer.phase("generate"), out_of_memory_advice(config, "generation", session.last_checkpoint()):
+    last_checkpoint = session.last_checkpoint()  # named by the out-of-memory advice
+    with timer.phase("generate"), out_of_memory_advice(config, "generation", last_checkpoint):
         rollouts = generate(session, prompts)
     with timer.phase("reward"):
         rewards, answers = reward(rollouts, batch)
@@ -67,7 +68,7 @@ def step(session: Session) -> dict:
             monitors["kl_policy_ema"] = kl_policy_ema(
                 session.model, rollouts, config.micro_batch_size, config.temperature
             )
-    with timer.phase("update"), out_of_memory_advice(config, "update", session.last_checkpoint()):
+    with timer.phase("update"), out_of_memory_advice(config, "update", last_checkpoint):
         update, skipped = gradients(session, rollouts, rewards)
         grad_norm, skipped = optimizer_step(session, skipped)
         if skipped is None and config.algo == "popo":
