@@ -69,6 +69,7 @@ over seeds. The runs' own directories go under --runs_dir (default bench/runs/st
 from __future__ import annotations
 
 import argparse
+import fcntl
 import gc
 import json
 import math
@@ -608,7 +609,11 @@ def train_trl(study: Study, arm: str, seed: int, base: dict) -> dict:
     model, tokenizer, device = trl_policy(config)
     dataset = Dataset.from_list(
         [
-            {"prompt": format_prompt(p.problem, config.prompt_template, tokenizer), "answer": p.answer}
+            {
+                "prompt": format_prompt(p.problem, config.prompt_template, tokenizer),
+                "answer": p.answer,
+                "question": p.problem,
+            }
             for p in problems
         ]
     )
@@ -656,8 +661,11 @@ def train_trl(study: Study, arm: str, seed: int, base: dict) -> dict:
     )
     rewards: list[tuple[float, int]] = []  # (mean, positives) per call = per step
 
-    def correct(completions, answer, **kwargs):
-        values = [score(text, gold)[0] for text, gold in zip(completions, answer, strict=True)]
+    def correct(completions, answer, question, **kwargs):  # the question too, as the trainer's reward
+        values = [
+            score(text, gold, question=asked)[0]
+            for text, gold, asked in zip(completions, answer, question, strict=True)
+        ]
         rewards.append((sum(values) / len(values), sum(value > 0 for value in values)))
         return values
 
@@ -797,10 +805,21 @@ def check_signatures(results: dict, study: Study, path: Path) -> None:
 
 
 def add_run(path: Path, results: dict, run_result: dict) -> None:
-    results["runs"] = [
-        r for r in results["runs"] if (r["arm"], r["seed"]) != (run_result["arm"], run_result["seed"])
-    ]
-    results["runs"].append(run_result)
+    """Adds a finished run to the JSON as it is on disk now, under a lock: two study processes given
+    disjoint (arm, seed) subsets (one torch thread each) can share one results file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / (path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        on_disk = load_results(path)["runs"]
+        key = (run_result["arm"], run_result["seed"])
+        mine = {(r["arm"], r["seed"]) for r in results["runs"]}
+        results["runs"] = [r for r in results["runs"] if (r["arm"], r["seed"]) != key]
+        results["runs"] += [r for r in on_disk if (r["arm"], r["seed"]) not in mine | {key}]
+        results["runs"].append(run_result)
+        _save_sorted(path, results)
+
+
+def _save_sorted(path: Path, results: dict) -> None:
     order = list(ARMS)
     results["runs"].sort(key=lambda r: (order.index(r["arm"]) if r["arm"] in order else 99, r["seed"] or 0))
     save_results(path, results)
