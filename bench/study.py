@@ -646,6 +646,9 @@ def train_trl(study: Study, arm: str, seed: int, base: dict) -> dict:
         epsilon=config.grpo_clip_eps,
         loss_type="grpo" if config.grpo_normalization == "sequence" else "dapo",
         scale_rewards="group",
+        # TRL's default multiplies k3 by the ratio: 1 in value, but it adds beta * k3 * grad(logp) to the
+        # gradient; off, TRL's loss has popo_lite's GRPO gradient (tests/test_reference.py checks both).
+        use_bias_correction_kl=False,
         num_iterations=1,
         gradient_checkpointing=config.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
