@@ -46,20 +46,14 @@ Rewards are plain functions over lists of strings returning per-sample scores; n
 
 from __future__ import annotations
 
-import atexit
 import functools
-import json
 import logging
 import math
 import os
 import re
-import select
-import subprocess
-import sys
 import threading
-import time
 
-from popo_lite.core import answer_forms
+from popo_lite.core import answer_forms, verification
 
 logger = logging.getLogger(__name__)
 
@@ -282,129 +276,6 @@ def _too_costly(answer: str) -> bool:
     return bool(re.search(r"[)}]\s*!", text) and "^" in text)  # like (10^{9})!
 
 
-def _wrap(answer: str) -> str:
-    """Box an answer so math-verify parses bare `42`, `\\frac{1}{2}`, `(1,2)` and `x^2+1` as LaTeX."""
-    return "\\boxed{" + answer + "}"
-
-
-def _verify_texts(gold: str, answer: str, timeout: int | None) -> bool:
-    """math-verify on two answer strings; `timeout` is math-verify's own (signal-based) limit."""
-    from math_verify import parse, verify  # imported here: it pulls in sympy, which is slow to import
-
-    gold_parsed = parse(_wrap(gold), parsing_timeout=timeout)
-    answer_parsed = parse(_wrap(answer), parsing_timeout=timeout)
-    if not gold_parsed or not answer_parsed:
-        return False
-    return bool(verify(gold_parsed, answer_parsed, timeout_seconds=timeout))
-
-
-# ---- off-main-thread verification: a helper process whose main thread may use signal.alarm ----------
-
-_worker: subprocess.Popen | None = None
-_worker_broken = False
-_worker_buffer = b""
-_worker_lock = threading.Lock()
-_WORKER_START_S = 120.0
-# Load this file as a module without importing the package (whose __init__ may import torch).
-_WORKER_CODE = (
-    "import importlib.util, sys\n"
-    "spec = importlib.util.spec_from_file_location('_popo_rewards_worker', sys.argv[1])\n"
-    "module = importlib.util.module_from_spec(spec)\n"
-    "spec.loader.exec_module(module)\n"
-    "module._serve()\n"
-)
-
-
-def _serve() -> None:
-    """Helper-process loop: one JSON request per stdin line, one '1'/'0' per stdout line."""
-    out = sys.stdout
-    sys.stdout = sys.stderr  # nothing but answers may reach the protocol stream
-    import math_verify  # noqa: F401  fail before "ready" if missing; the caller then verifies in-thread
-
-    out.write("ready\n")
-    out.flush()
-    for line in sys.stdin:
-        try:
-            request = json.loads(line)
-            ok = _verify_texts(request["gold"], request["answer"], request["timeout"])
-        except Exception:
-            ok = False
-        out.write("1\n" if ok else "0\n")
-        out.flush()
-
-
-def _read_line(proc: subprocess.Popen, deadline: float) -> str | None:
-    """One line from the helper, or None when `deadline` (time.monotonic) passes first."""
-    global _worker_buffer
-    fd = proc.stdout.fileno()
-    while b"\n" not in _worker_buffer:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-            return None
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            return None
-        _worker_buffer += chunk
-    line, _worker_buffer = _worker_buffer.split(b"\n", 1)
-    return line.decode()
-
-
-def _stop_worker() -> None:
-    """Kill the helper process (it also exits by itself when our end of its stdin closes)."""
-    global _worker, _worker_buffer
-    if _worker is not None:
-        _worker.kill()
-        _worker.wait()
-    _worker, _worker_buffer = None, b""
-
-
-def _start_worker() -> subprocess.Popen | None:
-    """The running helper, started if needed; None where it cannot run (then verify in-thread)."""
-    global _worker, _worker_broken
-    if _worker is not None and _worker.poll() is None:
-        return _worker
-    _stop_worker()
-    if _worker_broken or os.name != "posix":
-        return None
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    try:
-        _worker = subprocess.Popen(
-            [sys.executable, "-c", _WORKER_CODE, os.path.abspath(__file__)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-        )
-        if _read_line(_worker, time.monotonic() + _WORKER_START_S) == "ready":
-            return _worker
-    except OSError:
-        pass
-    logger.warning("math reward helper process did not start; verifying in-thread without time limits")
-    _stop_worker()
-    _worker_broken = True
-    return None
-
-
-def _verify_off_main_thread(gold: str, answer: str, timeout_s: float) -> bool:
-    """Verify in the helper process; kill it (score 0) when it overruns the hard deadline."""
-    seconds = max(1, math.ceil(timeout_s))
-    with _worker_lock:
-        proc = _start_worker()
-        if proc is None:  # no helper (non-POSIX or spawn failed): only the input guards bound the time
-            return _verify_texts(gold, answer, None)
-        request = json.dumps({"gold": gold, "answer": answer, "timeout": seconds}) + "\n"
-        proc.stdin.write(request.encode())
-        proc.stdin.flush()
-        line = _read_line(proc, time.monotonic() + 3 * seconds + 1)
-        if line is None:
-            logger.warning("math verification overran %.0f s; helper process restarted", 3 * seconds + 1)
-            _stop_worker()
-            return False
-        return line == "1"
-
-
-atexit.register(_stop_worker)
-
-
 def score(
     completion: str, gold: str, timeout_s: float = 5.0, question: str | None = None
 ) -> tuple[float, str | None]:
@@ -419,11 +290,11 @@ def score(
             return 0.0, answer
         gold_text, answer_text = answer_forms.plain_text(gold), answer_forms.plain_text(answer)
         if os.name != "posix":  # math-verify's non-POSIX timeout pickles a local function: it would fail
-            ok = _verify_texts(gold_text, answer_text, None)
+            ok = verification.verify_texts(gold_text, answer_text, None)
         elif threading.current_thread() is threading.main_thread():
-            ok = _verify_texts(gold_text, answer_text, max(1, math.ceil(timeout_s)))
+            ok = verification.verify_texts(gold_text, answer_text, max(1, math.ceil(timeout_s)))
         else:
-            ok = _verify_off_main_thread(gold_text, answer_text, timeout_s)
+            ok = verification.verify_off_main_thread(gold_text, answer_text, timeout_s)
         return (1.0 if ok else 0.0), answer
     except ImportError:  # math-verify missing is a broken install, not a wrong answer: say so
         raise
