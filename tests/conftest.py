@@ -7,7 +7,16 @@ real reward signal for end-to-end runs, with no download.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +27,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from popo_lite.config import Config
 
 SPECIALS = ["<pad>", "<eos>", "<unk>"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -140,3 +150,45 @@ def tiny_cli_args(tiny_model_dir, digit_problems) -> list[str]:
         "--eval_every",
         "0",
     ]
+
+
+def kill_panel_jobs(runs: Path) -> None:
+    """SIGKILL every job a panel started in `runs` (its lock files name their process groups)."""
+    for lock in runs.glob(".active-*.json"):
+        pid = json.loads(lock.read_text() or "{}").get("pid")
+        if pid:
+            try:
+                os.killpg(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        lock.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def panel_process(runs: Path, log: Path, *options: str) -> Iterator[tuple[str, int]]:
+    """`python app.py --runs-dir RUNS OPTIONS...` on a free localhost port: (url, port) once it answers
+    HTTP; stopped on exit, with every job it started."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "app.py", "--port", str(port), "--runs-dir", str(runs), *options]
+    with open(log, "wb") as output:
+        app = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if app.poll() is not None or time.monotonic() > deadline:
+                app.kill()
+                pytest.fail(f"the panel did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+    try:
+        yield url, port
+    finally:
+        app.terminate()
+        app.wait(timeout=30)
+        kill_panel_jobs(runs)

@@ -12,16 +12,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import panel_process
 
 pytestmark = pytest.mark.slow  # a browser and the panel as a subprocess
 
@@ -67,12 +62,6 @@ class Panel:
     log: Path
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _write_cli_run(runs: Path) -> None:
     """A GRPO run as the CLI leaves it (no panel files), its last metrics line still being written."""
     run_dir = runs / "cli-grpo"
@@ -86,16 +75,6 @@ def _write_cli_run(runs: Path) -> None:
     ]  # fmt: skip
     text = "".join(json.dumps(record) + "\n" for record in records)
     (run_dir / "metrics.jsonl").write_text(text + '{"step": 4, "rew')
-
-
-def _stop_panel_jobs(runs: Path) -> None:
-    for lock in runs.glob(".active-*.json"):
-        pid = json.loads(lock.read_text() or "{}").get("pid")
-        if pid:
-            try:
-                os.killpg(int(pid), signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
 
 
 def _browser_tools():
@@ -122,39 +101,16 @@ def panel(tiny_model_dir, digit_problems, tmp_path_factory):
     (configs / "tiny.yaml").write_text(TINY_CONFIG.format(model=tiny_model_dir, dataset=digit_problems))
     (configs / "default.yaml").write_text((ROOT / "configs" / "default.yaml").read_text())  # opened first
     _write_cli_run(runs)
-    port = _free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    command = [
-        sys.executable,
-        "app.py",
-        "--port",
-        str(port),
-        "--runs-dir",
-        str(runs),
+    options = (
         "--configs-dir",
         str(configs),
         "--allow-path",  # the tiny model and its data live in pytest's temp folders, outside the runs folder
         str(tiny_model_dir),
         "--allow-path",
         str(digit_problems.parent),
-    ]
-    with open(log, "wb") as output:
-        app = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if app.poll() is not None or time.monotonic() > deadline:
-                app.kill()
-                pytest.fail(f"the panel did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-    yield Panel(url, port, runs, configs, log)
-    app.terminate()
-    app.wait(timeout=30)
-    _stop_panel_jobs(runs)
+    )
+    with panel_process(runs, log, *options) as (url, port):
+        yield Panel(url, port, runs, configs, log)
 
 
 @pytest.fixture(scope="module")

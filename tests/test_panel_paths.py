@@ -11,16 +11,10 @@ accepted.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import kill_panel_jobs, panel_process
 
 from popo_lite.panel import jobs
 from popo_lite.panel.paths import BrowserAccess, check_browser_config
@@ -169,24 +163,6 @@ def test_jobs_refuse_before_anything_is_started_or_written(place, monkeypatch):
 # --- over HTTP -----------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _kill_jobs(runs: Path) -> None:
-    """SIGKILL whatever job the panel started (before the rule, a refused case would have started one)."""
-    for lock in runs.glob(".active-*.json"):
-        pid = json.loads(lock.read_text() or "{}").get("pid")
-        if pid:
-            try:
-                os.killpg(int(pid), signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        lock.unlink(missing_ok=True)
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """`python app.py --allow-path allowed/` on a free port, and a gradio_client Client talking to it."""
@@ -204,28 +180,9 @@ def served(tmp_path_factory):
         (runs / name / "config.yaml").write_text(f"model: {model}\ndevice: cpu\nsteps: 2\n")
         (runs / name / "checkpoints" / "step-000001" / "ema" / "adapter_config.json").write_text("{}")
         (runs / name / "checkpoints" / "step-000001" / "COMPLETE").write_text("")
-    port, log = _free_port(), base / "app.log"
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "app.py", "--port", str(port), "--runs-dir", str(runs),
-               "--configs-dir", str(configs), "--allow-path", str(allowed)]  # fmt: skip
-    with open(log, "wb") as output:
-        app = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if app.poll() is not None or time.monotonic() > deadline:
-                app.kill()
-                pytest.fail(f"the panel did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-    client = gradio_client.Client(url, verbose=False)
-    yield client, runs, allowed, outside
-    app.terminate()
-    app.wait(timeout=30)
-    _kill_jobs(runs)
+    options = ("--configs-dir", str(configs), "--allow-path", str(allowed))
+    with panel_process(runs, base / "app.log", *options) as (url, _):
+        yield gradio_client.Client(url, verbose=False), runs, allowed, outside
 
 
 FORM_NONE = [None] * 12  # the form fields (model, --qlora, algo, the numbers): None = the YAML's value
@@ -269,7 +226,7 @@ def test_http_start_and_plan_refuse_paths_outside_and_start_nothing(served, case
         planned = _plan(client, text)
     finally:
         after, started_jobs = _files(runs), list(runs.glob(".active-*.json"))
-        _kill_jobs(runs)
+        kill_panel_jobs(runs)
     assert started.startswith(f"**Not started.** {field}") and "not allowed from the browser" in started
     assert planned.startswith(f"```\n{field}") and "not allowed from the browser" in planned
     assert "memory plan" not in planned
@@ -293,7 +250,7 @@ def test_http_resume_and_evaluate_refuse_a_run_naming_a_model_outside(served):
         benchmark = _evaluate(client, "mine", f"gsm8k_test,{outside}/sums.jsonl")
     finally:
         after, started_jobs = _files(runs), list(runs.glob(".active-*.json"))
-        _kill_jobs(runs)
+        kill_panel_jobs(runs)
     assert "Not resumed" in resumed and "model " in resumed and "not allowed" in resumed
     assert "Not started" in evaluated and "model " in evaluated and "not allowed" in evaluated
     assert "Not started" in benchmark and "eval_benchmarks entry" in benchmark
@@ -309,6 +266,6 @@ def test_http_accepts_files_inside_an_allow_path_folder(served):
     try:
         started = _start(client, text, "allowed-run")
     finally:
-        _kill_jobs(runs)  # the job was started: that is the point; it need not train
+        kill_panel_jobs(runs)  # the job was started: that is the point; it need not train
     assert "Started run" in started, started
     assert f"dataset: {allowed}/sums.jsonl" in (runs / "allowed-run" / "config.yaml").read_text()
