@@ -127,11 +127,11 @@ def step_record(session, result: StepResult) -> dict:
     seconds, rollouts = result.timer.seconds, result.rollouts
     memory, memory_kind = peak_memory_gib(session.device)
     record["lr"] = session.scheduler.get_last_lr()[0]
+    # seconds_generate (below) is the phase's wall time; the throughput uses the engine's own clock
     record["generation_tokens_per_s"] = rollouts.num_completion_tokens / max(rollouts.seconds, 1e-9)
     if result.update.metrics:  # a forward and backward ran: throughput of the update phase
         record["train_tokens_per_s"] = int(rollouts.attention_mask.sum()) / max(seconds["update"], 1e-9)
     record.update({f"seconds_{name}": value for name, value in seconds.items()})
-    record["seconds_generate"] = rollouts.seconds  # the engine's own clock: sampling only
     record["seconds_step"] = time.perf_counter() - result.timer.started
     record[f"peak_memory_gib_{memory_kind}"] = memory
     return record
