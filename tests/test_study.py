@@ -235,11 +235,11 @@ def test_the_trl_arm_starts_from_the_trainer_arms_lora(tiny_config):
 def test_two_study_processes_share_one_results_file(tmp_path):
     """Each process holds only what it read at start; adding a run keeps the other process's runs."""
     study = load_study()
-    path = tmp_path / "study.json"
+    path, order = tmp_path / "study.json", ["popo", "grpo"]
     first, second = study.load_results(path), study.load_results(path)  # both start from nothing
-    study.add_run(path, first, {"arm": "grpo", "seed": 0, "value": 1})
-    study.add_run(path, second, {"arm": "popo", "seed": 1, "value": 2})
-    study.add_run(path, first, {"arm": "grpo", "seed": 0, "value": 3})  # a rerun replaces its cell
+    study.add_run(path, first, {"arm": "grpo", "seed": 0, "value": 1}, order)
+    study.add_run(path, second, {"arm": "popo", "seed": 1, "value": 2}, order)
+    study.add_run(path, first, {"arm": "grpo", "seed": 0, "value": 3}, order)  # a rerun replaces its cell
     stored = {(r["arm"], r["seed"]): r["value"] for r in json.loads(path.read_text())["runs"]}
     assert stored == {("grpo", 0): 3, ("popo", 1): 2}
-    assert [r["arm"] for r in first["runs"]] == ["grpo", "popo"]  # in the study's arm order
+    assert [r["arm"] for r in first["runs"]] == ["popo", "grpo"]  # in the given arm order
