@@ -123,6 +123,46 @@ def passk_table(results: dict, arms: list[str]) -> list[str]:
     return lines
 
 
+def summary_table(results: dict, arms: list[str]) -> list[str]:
+    """One row per arm, the README's table: greedy pass@1, pass@1 / pass@top for the policy and for
+    POPO's EMA adapter (mean ± std over seeds, in %), and each run's wall time (min-max over seeds)."""
+    top = max(_ks(results) or [1])
+    lines = [
+        f"| arm | seeds | greedy pass@1 | pass@1 / pass@{top} | EMA pass@1 / pass@{top} | wall per run |",
+        "| --- | --- | ---: | ---: | ---: | --- |",
+    ]
+    for arm in arms:
+        runs = [r for r in _arm_runs(results, arm) if "passk" in r]
+        if not runs:
+            continue
+        seeds = ", ".join(str(r["seed"]) for r in runs if r["seed"] is not None) or "-"
+
+        def pair(passks: list[dict]) -> str:
+            return (
+                f"{_percent([p['pass@1'] for p in passks])} / {_percent([p[f'pass@{top}'] for p in passks])}"
+            )
+
+        sampled = pair([r["passk"] for r in runs])
+        emas = [r["ema"]["passk"] for r in runs if "passk" in r.get("ema", {})]
+        if any(r.get("ema", {}).get("same_as_policy") for r in runs):
+            ema = "= policy (tau 0)"
+        elif emas:
+            ema = pair(emas)
+        else:
+            ema = "-"
+        minutes = sorted(round(r["wall_seconds"] / 60) for r in runs if arm != "base" and "wall_seconds" in r)
+        wall = (
+            "-"
+            if not minutes
+            else f"{minutes[0]} min"
+            if minutes[0] == minutes[-1]
+            else f"{minutes[0]}-{minutes[-1]} min"
+        )
+        greedy = _percent([r["greedy"]["pass@1"] for r in runs])
+        lines.append(f"| {arm} | {seeds} | {greedy} | {sampled} | {ema} | {wall} |")
+    return lines
+
+
 def missing_cells(results: dict, arms: list[str], seeds: list[int]) -> tuple[list[str], list[str]]:
     lines = ["| arm | " + " | ".join(f"seed {s}" for s in seeds) + " |", "| --- |" + " --- |" * len(seeds)]
     missing = []
@@ -261,6 +301,10 @@ def render(results: dict, arms: list[str], seeds: list[int], prefix: Path, order
         "(one value: one seed). The base is measured once.",
         "",
         *passk_table(results, arms),
+        "",
+        "In short (pass@1 / pass@k sampled; EMA: POPO's siamese adapter; wall: one run, min-max over seeds):",
+        "",
+        *summary_table(results, arms),
         "",
         "## Which runs are measured",
         "",
