@@ -126,7 +126,9 @@ def passk_table(results: dict, arms: list[str]) -> list[str]:
 def summary_table(results: dict, arms: list[str]) -> list[str]:
     """One row per arm, the README's table: greedy pass@1, pass@1 / pass@top for the policy and for
     POPO's EMA adapter (mean ± std over seeds, in %), and each run's wall time (min-max over seeds)."""
-    top = max(_ks(results) or [1])
+    if not _ks(results):
+        return []
+    top = max(_ks(results))
     lines = [
         f"| arm | seeds | greedy pass@1 | pass@1 / pass@{top} | EMA pass@1 / pass@{top} | wall per run |",
         "| --- | --- | ---: | ---: | ---: | --- |",
@@ -302,10 +304,17 @@ def render(results: dict, arms: list[str], seeds: list[int], prefix: Path, order
         "",
         *passk_table(results, arms),
         "",
-        "In short (pass@1 / pass@k sampled; EMA: POPO's siamese adapter; wall: one run, min-max over seeds):",
-        "",
-        *summary_table(results, arms),
-        "",
+    ]
+    summary = summary_table(results, arms)
+    if summary:
+        lines += [
+            "In short (pass@1 / pass@k sampled; EMA: POPO's siamese adapter; wall: one run, min-max over "
+            "seeds):",
+            "",
+            *summary,
+            "",
+        ]
+    lines += [
         "## Which runs are measured",
         "",
     ]
