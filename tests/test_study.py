@@ -170,6 +170,38 @@ def test_markdown_figures_and_missing_cells(studied):
     assert "| trl-grpo | done | MISSING |" in text  # measured arms stay in the table
 
 
+def test_the_summary_table_gives_mean_and_std_over_seeds_and_wall_time_per_run():
+    load_study()  # puts the repository root on sys.path
+    from bench.study_results import summary_table
+
+    def run(arm, seed, greedy, pass1, pass2, **extra):
+        return {
+            "arm": arm,
+            "seed": seed,
+            "greedy": {"pass@1": greedy},
+            "passk": {"pass@1": pass1, "pass@2": pass2},
+            **extra,
+        }
+
+    ema = {"passk": {"pass@1": 0.125, "pass@2": 0.25}}
+    results = {
+        "runs": [
+            run("base", None, 0.1, 0.2, 0.3),
+            run("popo", 0, 0.5, 0.25, 0.5, ema=ema, wall_seconds=600),
+            run("popo", 1, 0.5, 0.75, 1.0, ema=ema, wall_seconds=1260),
+            run("psr", 0, 0.25, 0.5, 0.5, ema={"same_as_policy": True}, wall_seconds=300),
+        ]
+    }
+    lines = summary_table(results, ["base", "popo", "psr", "grpo"])
+    assert lines[0].startswith("| arm | seeds | greedy pass@1 | pass@1 / pass@2 | EMA pass@1 / pass@2 |")
+    # stdev of (0.25, 0.75) and of (0.5, 1.0) is 0.354
+    assert lines[2:] == [
+        "| base | - | 10.0 | 20.0 / 30.0 | - | - |",
+        "| popo | 0, 1 | 50.0 ± 0.0 | 50.0 ± 35.4 / 75.0 ± 35.4 | 12.5 ± 0.0 / 25.0 ± 0.0 | 10-21 min |",
+        "| psr | 0 | 25.0 | 50.0 / 50.0 | = policy (tau 0) | 5 min |",
+    ]
+
+
 @pytest.mark.slow
 def test_changed_settings_refuse_to_mix_with_the_stored_runs(studied, capsys):
     assert studied.study.main([*studied.options, "--samples", "8"]) == 2
@@ -235,11 +267,11 @@ def test_the_trl_arm_starts_from_the_trainer_arms_lora(tiny_config):
 def test_two_study_processes_share_one_results_file(tmp_path):
     """Each process holds only what it read at start; adding a run keeps the other process's runs."""
     study = load_study()
-    path = tmp_path / "study.json"
+    path, order = tmp_path / "study.json", ["popo", "grpo"]
     first, second = study.load_results(path), study.load_results(path)  # both start from nothing
-    study.add_run(path, first, {"arm": "grpo", "seed": 0, "value": 1})
-    study.add_run(path, second, {"arm": "popo", "seed": 1, "value": 2})
-    study.add_run(path, first, {"arm": "grpo", "seed": 0, "value": 3})  # a rerun replaces its cell
+    study.add_run(path, first, {"arm": "grpo", "seed": 0, "value": 1}, order)
+    study.add_run(path, second, {"arm": "popo", "seed": 1, "value": 2}, order)
+    study.add_run(path, first, {"arm": "grpo", "seed": 0, "value": 3}, order)  # a rerun replaces its cell
     stored = {(r["arm"], r["seed"]): r["value"] for r in json.loads(path.read_text())["runs"]}
     assert stored == {("grpo", 0): 3, ("popo", 1): 2}
-    assert [r["arm"] for r in first["runs"]] == ["grpo", "popo"]  # in the study's arm order
+    assert [r["arm"] for r in first["runs"]] == ["popo", "grpo"]  # in the given arm order

@@ -48,10 +48,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
-import os
 import re
-import threading
 
 from popo_lite.core import answer_forms, verification
 
@@ -289,12 +286,7 @@ def score(
         if _not_the_answer(completion, answer, gold, question):
             return 0.0, answer
         gold_text, answer_text = answer_forms.plain_text(gold), answer_forms.plain_text(answer)
-        if os.name != "posix":  # math-verify's non-POSIX timeout pickles a local function: it would fail
-            ok = verification.verify_texts(gold_text, answer_text, None)
-        elif threading.current_thread() is threading.main_thread():
-            ok = verification.verify_texts(gold_text, answer_text, max(1, math.ceil(timeout_s)))
-        else:
-            ok = verification.verify_off_main_thread(gold_text, answer_text, timeout_s)
+        ok = verification.verify(gold_text, answer_text, timeout_s)
         return (1.0 if ok else 0.0), answer
     except ImportError:  # math-verify missing is a broken install, not a wrong answer: say so
         raise

@@ -1,8 +1,11 @@
 """math-verify under a time bound, on any thread (the reward's last stage, `rewards.score`).
 
+`verify(gold, answer, timeout_s)` is the one entry point; it picks how the time is bounded.
 math-verify bounds its own time with `signal.alarm`, which only the main thread may use. On the main
 thread `verify_texts` passes it the limit; off the main thread (a web panel worker) `verify_off_main_thread`
 sends the pair to a helper process, whose main thread can use the alarm, and kills it at a hard deadline.
+Off POSIX math-verify's own timeout cannot run (it pickles a local function), so only the reward's input
+guards bound the time there.
 
 This file imports nothing from the package: the helper process loads it by path, without torch.
 """
@@ -26,6 +29,15 @@ logger = logging.getLogger(__name__)
 def _wrap(answer: str) -> str:
     """Box an answer so math-verify parses bare `42`, `\\frac{1}{2}`, `(1,2)` and `x^2+1` as LaTeX."""
     return "\\boxed{" + answer + "}"
+
+
+def verify(gold: str, answer: str, timeout_s: float) -> bool:
+    """True when math-verify finds `answer` equal to `gold`, within about `timeout_s` per stage."""
+    if os.name != "posix":
+        return verify_texts(gold, answer, None)
+    if threading.current_thread() is threading.main_thread():
+        return verify_texts(gold, answer, max(1, math.ceil(timeout_s)))
+    return verify_off_main_thread(gold, answer, timeout_s)
 
 
 def verify_texts(gold: str, answer: str, timeout: int | None) -> bool:
