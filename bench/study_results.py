@@ -126,9 +126,14 @@ def passk_table(results: dict, arms: list[str]) -> list[str]:
 def summary_table(results: dict, arms: list[str]) -> list[str]:
     """One row per arm, the README's table: greedy pass@1, pass@1 / pass@top for the policy and for
     POPO's EMA adapter (mean ± std over seeds, in %), and each run's wall time (min-max over seeds)."""
-    if not _ks(results):
+    ks = _ks(results)
+    if not ks:
         return []
-    top = max(_ks(results))
+    top = ks[-1]
+
+    def pair(passks: list[dict]) -> str:
+        return f"{_percent([p['pass@1'] for p in passks])} / {_percent([p[f'pass@{top}'] for p in passks])}"
+
     lines = [
         f"| arm | seeds | greedy pass@1 | pass@1 / pass@{top} | EMA pass@1 / pass@{top} | wall per run |",
         "| --- | --- | ---: | ---: | ---: | --- |",
@@ -138,28 +143,17 @@ def summary_table(results: dict, arms: list[str]) -> list[str]:
         if not runs:
             continue
         seeds = ", ".join(str(r["seed"]) for r in runs if r["seed"] is not None) or "-"
-
-        def pair(passks: list[dict]) -> str:
-            return (
-                f"{_percent([p['pass@1'] for p in passks])} / {_percent([p[f'pass@{top}'] for p in passks])}"
-            )
-
         sampled = pair([r["passk"] for r in runs])
         emas = [r["ema"]["passk"] for r in runs if "passk" in r.get("ema", {})]
-        if any(r.get("ema", {}).get("same_as_policy") for r in runs):
+        if all(r.get("ema", {}).get("same_as_policy") for r in runs):
             ema = "= policy (tau 0)"
-        elif emas:
-            ema = pair(emas)
         else:
-            ema = "-"
-        minutes = sorted(round(r["wall_seconds"] / 60) for r in runs if arm != "base" and "wall_seconds" in r)
-        wall = (
-            "-"
-            if not minutes
-            else f"{minutes[0]} min"
-            if minutes[0] == minutes[-1]
-            else f"{minutes[0]}-{minutes[-1]} min"
-        )
+            ema = pair(emas) if emas else "-"
+        minutes = sorted({round(r["wall_seconds"] / 60) for r in runs if "wall_seconds" in r})
+        if arm == "base" or not minutes:
+            wall = "-"
+        else:
+            wall = f"{minutes[0]} min" if len(minutes) == 1 else f"{minutes[0]}-{minutes[-1]} min"
         greedy = _percent([r["greedy"]["pass@1"] for r in runs])
         lines.append(f"| {arm} | {seeds} | {greedy} | {sampled} | {ema} | {wall} |")
     return lines
@@ -378,6 +372,17 @@ def render_figures(results: dict, arms: list[str], prefix: Path, order: list[str
     figures = []
     prefix.parent.mkdir(parents=True, exist_ok=True)
 
+    def save(name: str, fig) -> Path:
+        """Grid and legend on every panel, then PREFIX-name.png."""
+        for ax in fig.axes:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        path = prefix.parent / f"{prefix.name}-{name}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
     if trained:
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
         for arm in trained:
@@ -391,13 +396,7 @@ def render_figures(results: dict, arms: list[str], prefix: Path, order: list[str
         right.set(xlabel="step", ylabel="greedy pass@1", title="Held-out greedy pass@1")
         for ax in (left, right):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        path = prefix.parent / f"{prefix.name}-curves.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        figures.append(("train reward and held-out pass@1 by step", path))
+        figures.append(("train reward and held-out pass@1 by step", save("curves", fig)))
 
     with_passk = [arm for arm in arms if any("passk" in r for r in _arm_runs(results, arm))]
     ks = _ks(results)
@@ -414,13 +413,7 @@ def render_figures(results: dict, arms: list[str], prefix: Path, order: list[str
         ax.set_xscale("log", base=2)
         ax.set_xticks(ks, [str(k) for k in ks])
         ax.set(xlabel="k", ylabel="pass@k", title="Held-out pass@k (unbiased, from n samples)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        path = prefix.parent / f"{prefix.name}-passk.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        figures.append(("pass@k against k", path))
+        figures.append(("pass@k against k", save("passk", fig)))
 
     if trained:
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
@@ -438,13 +431,7 @@ def render_figures(results: dict, arms: list[str], prefix: Path, order: list[str
         )
         for ax in (left, right):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        path = prefix.parent / f"{prefix.name}-entropy.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        figures.append(("entropy and the implicit-negative diagnostic by step", path))
+        figures.append(("entropy and the implicit-negative diagnostic by step", save("entropy", fig)))
     return figures
 
 
