@@ -599,23 +599,11 @@ def trl_policy(config: Config):
     return model, tokenizer, device
 
 
-def train_trl(study: Study, arm: str, seed: int, base: dict) -> dict:
-    """The same budget with TRL's GRPOTrainer, measured by the same code through a callback."""
+def trl_dataset(problems: list[Problem], config: Config, tokenizer):
+    """The training problems as TRL's prompt dataset, with the gold answer and question for the reward."""
     from datasets import Dataset
-    from transformers import TrainerCallback
-    from transformers.trainer_callback import PrinterCallback
-    from trl import GRPOConfig, GRPOTrainer
 
-    config = study.config(arm, seed)
-    run_dir = study.runs_dir / config.run_name
-    _fresh_run_dir(run_dir)
-    run_dir.mkdir(parents=True)
-    config.save(run_dir / "config.yaml")
-    result = _new_result(study, arm, seed, config)
-    started = time.perf_counter()
-    problems = training_problems(config)
-    model, tokenizer, device = trl_policy(config)
-    dataset = Dataset.from_list(
+    return Dataset.from_list(
         [
             {
                 "prompt": format_prompt(p.problem, config.prompt_template, tokenizer),
@@ -625,6 +613,12 @@ def train_trl(study: Study, arm: str, seed: int, base: dict) -> dict:
             for p in problems
         ]
     )
+
+
+def trl_arguments(config: Config, run_dir: Path, seed: int, model, device: torch.device):
+    """TRL's GRPOConfig for popo_lite's GRPO step: the same rollouts, loss, KL, learning rate and schedule."""
+    from trl import GRPOConfig
+
     rows = config.rollouts_per_step
     per_device = (
         config.micro_batch_size if rows % config.micro_batch_size == 0 else config.rollouts_per_prompt
@@ -634,7 +628,7 @@ def train_trl(study: Study, arm: str, seed: int, base: dict) -> dict:
     schedule = (
         "cosine" if config.lr_schedule == "cosine" else ("constant_with_warmup" if warmup else "constant")
     )
-    args = GRPOConfig(
+    return GRPOConfig(
         output_dir=str(run_dir),
         max_steps=config.steps,
         learning_rate=config.learning_rate,
@@ -670,7 +664,10 @@ def train_trl(study: Study, arm: str, seed: int, base: dict) -> dict:
         disable_tqdm=True,
         remove_unused_columns=False,
     )
-    rewards: list[tuple[float, int]] = []  # (mean, positives) per call = per step
+
+
+def trl_reward(rewards: list[tuple[float, int]]):
+    """The trainer's reward as a TRL reward function; appends (mean, positives) of each call to `rewards`."""
 
     def correct(completions, answer, question, **kwargs):  # the question too, as the trainer's reward
         values = [
@@ -679,6 +676,29 @@ def train_trl(study: Study, arm: str, seed: int, base: dict) -> dict:
         ]
         rewards.append((sum(values) / len(values), sum(value > 0 for value in values)))
         return values
+
+    return correct
+
+
+def train_trl(study: Study, arm: str, seed: int, base: dict) -> dict:
+    """The same budget with TRL's GRPOTrainer, measured by the same code through a callback."""
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
+    from trl import GRPOTrainer
+
+    config = study.config(arm, seed)
+    run_dir = study.runs_dir / config.run_name
+    _fresh_run_dir(run_dir)
+    run_dir.mkdir(parents=True)
+    config.save(run_dir / "config.yaml")
+    result = _new_result(study, arm, seed, config)
+    started = time.perf_counter()
+    model, tokenizer, device = trl_policy(config)
+    dataset = trl_dataset(training_problems(config), config, tokenizer)
+    rows = config.rollouts_per_step
+    args = trl_arguments(config, run_dir, seed, model, device)
+    rewards: list[tuple[float, int]] = []  # (mean, positives) per call = per step
+    correct = trl_reward(rewards)
 
     class Timed(GRPOTrainer):
         """Times generation + scoring and counts the rows with a nonzero advantage."""
