@@ -78,10 +78,14 @@ def path_config(values: dict, overrides: dict, notes: list[str], label: str) -> 
     for key in sorted(set(overrides) - set(known)):
         notes.append(f"{label}: this code has no config field {key!r}; skipped")
     try:
-        return Config(**{**values, **known})
+        config = Config(**{**values, **known})
     except ConfigError as error:
         notes.append(f"{label}: left out ({error})")
-        return None
+        config = None
+    for note in notes[-len(overrides) - 1 :]:
+        if note.startswith(f"{label}:"):
+            print(f"[{label}] note: {note.removeprefix(label + ': ')}", flush=True)
+    return config
 
 
 def gemm_rates(shape: ModelShape, rows: int, repeats: int) -> dict[str, float]:
@@ -220,6 +224,8 @@ def run_paths(name: str, algo: str, args: argparse.Namespace, runs_dir: Path, no
             overrides={key: value for key, value in PATHS[path].items() if key in FIELD_NAMES},
             settings={key: getattr(config, key) for key in ("gradient_checkpointing", "micro_batch_size")},
         )
+        if session.reporter is not None:
+            session.reporter.close()
         if session.writer is not None:
             session.writer.release()
     del sessions

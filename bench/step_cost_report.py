@@ -5,10 +5,21 @@ from __future__ import annotations
 import statistics
 
 # A step's phases as the trainer's record names them (`seconds_<phase>`); update = weights + loss +
-# similarity + optimizer (+ the EMA update) in the code that times them apart.
-PHASES = ("generate", "reward", "weights", "loss", "similarity", "kl", "optimizer", "update", "step")
-COUNTED = ("generate", "weights", "loss", "similarity", "kl")  # phases with matmul FLOPs of their own
-PARTS = {"update": ("weights", "loss", "similarity"), "step": COUNTED}
+# similarity (POPO) or reference (GRPO) + optimizer (with the EMA update) in code that times them apart.
+PHASES = (
+    "generate",
+    "reward",
+    "weights",
+    "loss",
+    "similarity",
+    "reference",
+    "kl",
+    "optimizer",
+    "update",
+    "step",
+)
+COUNTED = ("generate", "weights", "loss", "similarity", "reference", "kl")  # with matmul FLOPs of their own
+PARTS = {"update": ("weights", "loss", "similarity", "reference"), "step": COUNTED}
 
 
 def _mean(values: list[float]) -> float | None:
@@ -50,7 +61,9 @@ def run_summary(run: dict, gflops: float) -> dict:
         "prompt_tokens": _mean([statistics.mean(entry["prompt_tokens"]) for entry in steps]),
         "completion_tokens": _mean([statistics.mean(entry["completion_tokens"]) for entry in steps]),
         "positives": _mean([entry["positives"] for entry in steps]),
-        "phases": {phase: row for phase, row in phases.items() if row["seconds"] is not None or row["floor_seconds"]},
+        "phases": {
+            phase: row for phase, row in phases.items() if row["seconds"] is not None or row["floor_seconds"]
+        },
     }
 
 
@@ -137,9 +150,9 @@ def markdown(results: dict) -> str:
             "",
             f"## {run['config']} / {run['algo']} / {run['path']}",
             "",
-            f"{run['steps']} timed step(s); per row: {_number(run['prompt_tokens'])} prompt tokens, "
-            f"{_number(run['completion_tokens'])} completion tokens; {_number(run['positives'])} positives "
-            "per step.",
+            f"{run['steps']} timed step(s); mean prompt: {_number(run['prompt_tokens'])} tokens, mean "
+            f"completion: {_number(run['completion_tokens'])} tokens; {_number(run['positives'])} positive "
+            "rollouts per step.",
             "",
             "| phase | seconds | GFLOP | GFLOP, one prompt per rollout | floor s | ratio |",
             "| --- | ---: | ---: | ---: | ---: | ---: |",

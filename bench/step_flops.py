@@ -132,7 +132,7 @@ def step_flops(
     if settings["algo"] == "grpo":
         flops["loss"] = pass_flops(cost, batch, every, shared=shared, grad=True)
         if settings["grpo_beta"] > 0:  # the reference: the base, adapter disabled, no gradient
-            flops["loss"] += pass_flops(cost, batch, every, shared=shared, lora=False)
+            flops["reference"] = pass_flops(cost, batch, every, shared=shared, lora=False)
         return flops
     flops["weights"] = pass_flops(cost, batch, positives, shared=shared)
     if settings["beta_entropy"] > 0 and settings["entropy_over"] == "all" and positives:
