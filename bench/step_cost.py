@@ -73,18 +73,17 @@ def config_values(name: str, changes: dict | None = None) -> dict:
 
 def path_config(values: dict, overrides: dict, notes: list[str], label: str) -> Config | None:
     """`values` with a path's overrides; a field this code does not have is skipped with a note, and a
-    value it rejects leaves the path out (None)."""
+    value it rejects leaves the path out (None). Notes are printed and appended to `notes`."""
     known = {key: value for key, value in overrides.items() if key in FIELD_NAMES}
-    for key in sorted(set(overrides) - set(known)):
-        notes.append(f"{label}: this code has no config field {key!r}; skipped")
+    said = [f"this code has no config field {key!r}; skipped" for key in sorted(set(overrides) - set(known))]
     try:
         config = Config(**{**values, **known})
     except ConfigError as error:
-        notes.append(f"{label}: left out ({error})")
+        said.append(f"left out ({error})")
         config = None
-    for note in notes[-len(overrides) - 1 :]:
-        if note.startswith(f"{label}:"):
-            print(f"[{label}] note: {note.removeprefix(label + ': ')}", flush=True)
+    for note in said:
+        print(f"[{label}] note: {note}", flush=True)
+        notes.append(f"{label}: {note}")
     return config
 
 
