@@ -216,6 +216,18 @@ def run_paths(name: str, algo: str, args: argparse.Namespace, runs_dir: Path, no
                 f"({parts}); {entry['positives']} positives",
                 flush=True,
             )
+    first = next(iter(runs.values()))
+    for run in list(runs.values())[1:]:
+        for number, (mine, theirs) in enumerate(zip(run["steps"], first["steps"], strict=True)):
+            if (
+                mine["completion_tokens"] != theirs["completion_tokens"]
+                or mine["positives"] != theirs["positives"]
+            ):
+                notes.append(
+                    f"{name}/{algo}/{run['path']}: timed step {number + 1} sampled other completions than "
+                    f"{first['path']} (seeded alike): its FLOPs differ"
+                )
+                print(f"[{name}/{algo}/{run['path']}] note: {notes[-1].split(': ', 1)[1]}", flush=True)
     for path, (session, _, floor) in sessions.items():
         config = session.config
         runs[path].update(

@@ -140,7 +140,9 @@ def markdown(results: dict) -> str:
         f"{results['gemm']['gflops']:.1f} GFLOP/s. Paths, stepping in turn and seeded alike: {paths}.",
         "",
         "GFLOP: the matmuls the phase must do with a group's prompt run once (bench/step_flops.py); the next "
-        "column counts one prompt per rollout. floor s = GFLOP / rate (optimizer: a bare AdamW step with "
+        "column counts one prompt per rollout. Generation is counted with the LoRA weights merged; GRPO's "
+        "reference is the base with the adapter off; similarity is the EMA adapter's features of the "
+        "positives (no LM head). floor s = GFLOP / rate (optimizer: a bare AdamW step with "
         "clipping over the same tensors); ratio = seconds / floor. Means over the timed steps; '-': the "
         "code does not time that phase apart (or it has no floor: reward is math-verify).",
     ]
