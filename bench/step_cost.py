@@ -67,7 +67,7 @@ def config_values(name: str, changes: dict | None = None) -> dict:
     if name == "study":
         from study import CPU_DEFAULTS
 
-        return Config(**{**CPU_DEFAULTS, **(changes or {})}).to_dict()
+        return load_config(None, {**CPU_DEFAULTS, **(changes or {})}).to_dict()
     return load_config(ROOT / "configs" / "default.yaml", changes or {}).to_dict()
 
 
