@@ -14,7 +14,8 @@ does not write shows as '-'), captures the step's rollouts (token counts from pr
 completion_mask, positives from rollouts.jsonl) and counts each phase's matmul FLOPs from the model's
 shapes (bench/step_flops.py: the floor of a prompt-sharing design). This CPU's dense fp32 GEMM rate is
 measured in the same run at the same torch thread count (square and model-shaped products, best of
---repeats, before and after the steps); floor = FLOPs / rate, and the optimizer's floor is a bare
+--repeats, at the start, before each (config, algo) and at the end; the floors use the best rate of
+all); floor = FLOPs / rate, and the optimizer's floor is a bare
 AdamW step (with gradient clipping) over tensors of the trainable parameters' shapes.
 
 TRL's GRPOTrainer runs --trl_steps steps of the same work (bench/study.py's TRL arm: same model, LoRA,
@@ -344,7 +345,8 @@ def measure(args: argparse.Namespace) -> dict:
     runs_dir = Path(tempfile.mkdtemp(prefix="step_cost-"))
     try:
         for name in args.configs:
-            for algo in args.algos:
+            for algo in args.algos:  # the rate again before each pair: drift, and a quieter moment
+                results["gemm"][f"{name}/{algo}"] = gemm_rates(shape, gemm_rows, args.repeats)
                 results["runs"] += run_paths(name, algo, args, runs_dir, results["notes"])
             if args.trl_steps:
                 results["trl"].append(trl_steps(name, args, runs_dir))
