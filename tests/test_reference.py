@@ -34,9 +34,9 @@ from popo_lite.core.objectives import (
     similarity_penalty,
     weighted_nll,
 )
+from popo_lite.core.rollouts import Rollouts
 from popo_lite.core.siamese import Predictor, adapter_pairs, ema_forward, ema_reset
 from popo_lite.core.updates import grpo_update, popo_update
-from popo_lite.engine.rollouts import Rollouts
 
 RTOL, ATOL = 1e-5, 1e-6  # float32 fast code against the float64 reference
 SEEDS = range(5)

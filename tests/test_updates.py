@@ -68,9 +68,9 @@ def counter(monkeypatch):
     calls: list[list[int]] = []
     original = updates.sequence_logprobs
 
-    def counting(model, rollouts, rows, micro_batch_size, temperature):
+    def counting(model, rollouts, rows, *args):
         calls.append(rows.tolist())
-        return original(model, rollouts, rows, micro_batch_size, temperature)
+        return original(model, rollouts, rows, *args)
 
     monkeypatch.setattr(updates, "sequence_logprobs", counting)
     return calls

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from popo_lite.config import Config, ConfigError
+from popo_lite.core.rollouts import Rollouts
 from popo_lite.data.problems import Problem
-from popo_lite.engine.rollouts import Rollouts
 from popo_lite.training.checkpoint import checkpoint_name, latest_checkpoint, save_checkpoint
 from popo_lite.training.failures import TrainingError
 from popo_lite.training.job_slot import WRITER_LOCK

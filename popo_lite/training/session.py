@@ -15,10 +15,10 @@ import torch
 
 from popo_lite.config import Config, ConfigError
 from popo_lite.core.policy_forward import PolicyForward
+from popo_lite.core.rollouts import Rollouts
 from popo_lite.core.siamese import EMA, POLICY, Predictor, ema_reset
 from popo_lite.data.problems import Problem, format_prompt, training_problems
 from popo_lite.engine.choose import load_policy, rollout_engine
-from popo_lite.engine.rollouts import Rollouts
 from popo_lite.evaluation.benchmarks import load_benchmarks
 from popo_lite.training.checkpoint import CheckpointUnreadable, latest_checkpoint, load_latest
 from popo_lite.training.distributed import Replicas
