@@ -183,3 +183,34 @@ def test_generation_with_shared_prompts_gives_the_same_greedy_and_sampled_tokens
         )
         assert outputs[True].texts == outputs[False].texts
     assert len(set(outputs[True].texts)) > 1  # sampling, not one answer copied
+
+
+def test_shared_prefill_in_batches_that_split_groups_gives_the_same_tokens(tiny_config):
+    _, model, tokenizer, _ = _policy(tiny_config, qlora=False)
+    prefills: list[int] = []  # rows of each prefill forward (more than one position)
+    hook = (
+        model.get_base_model()
+        .get_decoder()
+        .register_forward_pre_hook(
+            lambda _, args, kwargs: (
+                prefills.append(kwargs["input_ids"].shape[0]) if kwargs["input_ids"].shape[1] > 1 else None
+            ),
+            with_kwargs=True,
+        )
+    )
+
+    def rollouts(batch_size, shared: bool):
+        prefills.clear()
+        torch.manual_seed(5)
+        options = {"max_new_tokens": 5, "temperature": 1.0, "batch_size": batch_size}
+        return generate_rollouts(model, tokenizer, PROMPTS, G, shared_prompts=shared, **options)
+
+    want = rollouts(None, shared=False)
+    assert prefills == [len(PROMPTS) * G]
+    got = rollouts(None, shared=True)
+    assert prefills == [len(PROMPTS)]  # one prefill row per prompt
+    assert torch.equal(got.completion_ids, want.completion_ids)
+    for size in (3, 6):  # batches that cut groups apart: each prefills its own distinct prompts
+        batched_want, batched_got = rollouts(size, shared=False), rollouts(size, shared=True)
+        assert torch.equal(batched_got.completion_ids, batched_want.completion_ids), size
+    hook.remove()

@@ -110,11 +110,16 @@ def shared_prefix(model, rollouts: Rollouts, enabled: bool) -> PromptPrefix | No
     """The step's B distinct prompts run through `model` once (with gradient unless under no_grad), or
     None: `shared_prompts` off, or a model whose cache cannot be shared (`prompt_prefix`). Under gradient
     checkpointing transformers builds no cache in a training forward, so that case is None too."""
-    if not enabled:
+    group = rollouts.group_size
+    rows, width = rollouts.prompt_ids.shape
+    if not enabled or rows % group:
         return None
-    prompt_mask = rollouts.prompt_mask[:: rollouts.group_size]  # (B, P)
+    grouped = rollouts.prompt_ids.view(rows // group, group, width)  # (B, G, P)
+    if not bool((grouped == grouped[:, :1]).all()):  # a record whose groups do not share their prompt
+        return None
+    prompt_mask = rollouts.prompt_mask[::group]  # (B, P)
     first = int((prompt_mask.sum(0) > 0).nonzero()[0]) if prompt_mask.any() else 0
-    return prompt_prefix(model, rollouts.prompt_ids[:: rollouts.group_size, first:], prompt_mask[:, first:])
+    return prompt_prefix(model, rollouts.prompt_ids[::group, first:], prompt_mask[:, first:])
 
 
 def _shares_gradient_prompts(config: Config, replicas) -> bool:
