@@ -355,14 +355,17 @@ def popo_update(
     generator: torch.Generator,
     replicas: Replicated | None = None,
     timer=None,
+    shuffle_generator: torch.Generator | None = None,
 ) -> Update:
     """Accumulate POPO gradients for one step; returns (metrics, weights (B*G,), token log-probs by row).
 
     rewards: (B, G). Weights are per group, from the policy that sampled (no gradient), over positives
     only: a non-positive's weight is 0 whatever its log-prob. `generator` (CPU) draws the similarity
-    noise and the micro-batch shuffle. On one process a micro-batch with no positive is skipped (its loss
-    is exactly zero; it still counts in the divisor), and a step with no positive at all gives the policy
-    adapter zero gradients, as the reference's connected zero does, so the optimizer still steps.
+    noise, and `shuffle_generator` the micro-batch shuffle (`generator` when None); the trainer gives
+    each its own stream, so an ablation that draws less noise still shuffles alike. On one process a
+    micro-batch with no positive is skipped (its loss is exactly zero; it still counts in the divisor),
+    and a step with no positive at all gives the policy adapter zero gradients, as the reference's
+    connected zero does, so the optimizer still steps.
     `timer` (a PhaseTimer) times the phases "weights", "loss" (forwards and backwards) and "similarity".
     """
     device = rollouts.completion_ids.device
@@ -373,7 +376,8 @@ def popo_update(
         # rows whose weights come from their own loss forward (exact only without dropout)
         b_deferred = b_positive & ~b_split if config.lora_dropout == 0 else torch.zeros_like(b_positive)
     else:
-        order = batch_order(count, config.shuffle_micro_batches, generator, device)
+        shuffle = shuffle_generator if shuffle_generator is not None else generator
+        order = batch_order(count, config.shuffle_micro_batches, shuffle, device)
         micro_batches, b_deferred = (
             _micro_batches(order, config.micro_batch_size),
             torch.zeros_like(b_positive),
