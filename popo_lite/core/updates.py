@@ -308,6 +308,7 @@ def _popo_micro_batch_loss(
     entropy_over: str,
     noise_std: float,
     generator: torch.Generator,
+    nll_token_count: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """One micro-batch's POPO loss from its policy forward (`mb_outputs`, with gradient) and the EMA
     features of its positives (n+, H). A micro-batch with no positive gives a connected zero."""
@@ -334,6 +335,7 @@ def _popo_micro_batch_loss(
         alpha=alpha,
         beta_entropy=beta_entropy,
         entropy_over=entropy_over,
+        nll_token_count=nll_token_count,
     )
     return loss, {**metrics, **extra}
 
@@ -413,6 +415,10 @@ def popo_update(
         else PolicyForward(model, predictor if use_features else None)
     )
     ema_targets = _EMATargets(model, rollouts, config.temperature, config.shared_prompts)
+    nll_token_count = None  # the reference: each micro-batch's own positive tokens
+    if config.nll_normalization == "step" and micro_batches:  # the step's, shared out over the divisor
+        b_positive_tokens = rollouts.completion_mask.sum(1)[b_positive].sum()
+        nll_token_count = float(b_positive_tokens) / len(micro_batches)
     prefix = leaves = None  # the step's prompts, run once with gradient for every micro-batch
     if _shares_gradient_prompts(config, replicas) and b_positive.any():
         with _phase(timer, "loss"):
@@ -457,6 +463,7 @@ def popo_update(
                     entropy_over=config.entropy_over,
                     noise_std=config.noise_std,
                     generator=generator,
+                    nll_token_count=nll_token_count,
                 )
                 _backward(loss / len(micro_batches), {} if stand_in else metrics, collected, "POPO", replicas)
     if prefix is not None:
