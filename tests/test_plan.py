@@ -18,10 +18,11 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from popo_lite.config import Config, ConfigError, load_config
+from popo_lite.core.rollouts import Rollouts
 from popo_lite.core.siamese import POLICY, Predictor, ema_reset
 from popo_lite.core.updates import grpo_update, popo_update
 from popo_lite.engine.choose import load_policy
-from popo_lite.engine.rollouts import Rollouts, generate_rollouts
+from popo_lite.engine.rollouts import generate_rollouts
 from popo_lite.plan import main
 from popo_lite.planning.estimate import (
     GIB,
@@ -228,6 +229,7 @@ def small_models(tmp_path_factory) -> dict[str, Path]:
 
 def _small_config(folder: Path, **overrides) -> Config:
     values = dict(model=str(folder), dtype="float32", device="cpu", prompts_per_step=2, rollouts_per_prompt=4)
+    values |= dict(gradient_checkpointing=True)  # the GPU recipes' setting; auto would pick off here
     values |= dict(
         max_prompt_tokens=32, max_new_tokens=128, micro_batch_size=4, predictor_dim=256, lora_rank=16
     )
@@ -252,8 +254,21 @@ def _full_length_rollouts(config: Config, vocab: int) -> tuple[Rollouts, torch.T
         ("vocab", {"qlora": True}, "backward through a log-prob chunk"),
         ("mlp", {}, "backward through one decoder layer"),
         ("mlp", {"algo": "grpo", "gradient_checkpointing": False}, "no-grad EMA/reference forward"),
+        ("mlp", {"gradient_checkpointing": False}, "no-grad EMA/reference forward"),
+        (
+            "mlp",
+            {"algo": "grpo", "gradient_checkpointing": False, "shared_prompts": False},
+            "no-grad EMA/reference forward",
+        ),
     ],
-    ids=["popo-vocab", "popo-vocab-qlora", "popo-mlp", "grpo-mlp-no-checkpointing"],
+    ids=[
+        "popo-vocab",
+        "popo-vocab-qlora",
+        "popo-mlp",
+        "grpo-mlp-shared-prompts",
+        "popo-mlp-shared-prompts",
+        "grpo-mlp-per-rollout-prompts",
+    ],
 )
 def test_predicted_update_peak_is_within_15_percent_of_measured(small_models, model, overrides, moment):
     config = _small_config(small_models[model], **overrides)
