@@ -274,8 +274,13 @@ def trl_steps(name: str, args: argparse.Namespace, runs_dir: Path) -> dict:
             now = time.perf_counter()
             steps.append(now - self.last)
             self.last = now
-            kind = "warm-up step" if len(steps) <= args.warmup else "step"
-            print(f"[{name}/trl] {kind} {len(steps)}: {steps[-1]:.1f} s", flush=True)
+            done = len(steps)
+            which = (
+                f"warm-up step {done}"
+                if done <= args.warmup
+                else f"step {done - args.warmup}/{args.trl_steps}"
+            )
+            print(f"[{name}/trl] {which}: {steps[-1]:.1f} s", flush=True)
 
     seed_everything(args.seed)
     trainer = GRPOTrainer(
@@ -314,7 +319,9 @@ def versions() -> dict[str, str]:
     import trl
 
     names = {"torch": torch, "transformers": transformers, "peft": peft, "trl": trl}
-    return {name: module.__version__ for name, module in names.items()}
+    return {"python": platform.python_version()} | {
+        name: module.__version__ for name, module in names.items()
+    }
 
 
 def measure(args: argparse.Namespace) -> dict:
