@@ -1,5 +1,5 @@
-"""bench/step_cost.py without a model: the FLOP counts by hand on a one-layer shape, and the report
-rendered from a small hand-made results dict."""
+"""bench/step_cost.py: the FLOP counts by hand on a one-layer shape and the report rendered from a small
+hand-made results dict (no model), and one step of each path on the tiny model (slow)."""
 
 from __future__ import annotations
 
@@ -158,3 +158,30 @@ def test_report_renders_a_table_per_run_with_dashes_for_untimed_phases():
     assert "| study | grpo | new over today | 2.00x | - |" in text
     assert "| study | 30.0 | today 15.0, new 7.5 | today 2.00x, new 4.00x |" in text
     assert "- note: new: a note" in text
+
+
+@pytest.mark.slow  # loads the tiny model four times and steps each: about 30 s on 2 shared cores
+def test_bench_pairs_both_paths_on_a_tiny_model_and_writes_both_files(
+    tiny_model_dir, digit_problems, tmp_path
+):
+    import step_cost
+
+    tiny = [f"model={tiny_model_dir}", f"dataset={digit_problems}", "problem_field=q", "answer_field=gold"]
+    tiny += ["prompt_template=plain", "prompts_per_step=2", "rollouts_per_prompt=2", "max_new_tokens=2"]
+    tiny += ["micro_batch_size=4", "predictor_dim=16", "lora_rank=4", "lora_alpha=8"]
+    options = ["--configs", "default", "--steps", "1", "--warmup", "0", "--trl_steps", "0", "--repeats", "1"]
+    results = step_cost.main([*options, "--set", *tiny, "--out", str(tmp_path)])
+
+    assert [(run["algo"], run["path"]) for run in results["runs"]] == [
+        ("popo", "today"),
+        ("popo", "new"),
+        ("grpo", "today"),
+        ("grpo", "new"),
+    ]
+    for run in results["runs"]:
+        (entry,) = run["steps"]
+        assert entry["seconds"]["step"] > 0 and entry["flops"]["generate"] > 0
+        assert len(entry["completion_tokens"]) == 4 and entry["prompt_tokens"][0] > 0
+    assert results["gemm"]["gflops"] > 0 and not results["notes"]
+    assert (tmp_path / "step_cost-cpu.json").is_file()
+    assert "## default / grpo / new" in (tmp_path / "step_cost-cpu.md").read_text()
