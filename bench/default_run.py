@@ -29,12 +29,7 @@ sys.path.insert(0, str(ROOT))
 from popo_lite.training.runs import read_jsonl  # noqa: E402
 from popo_lite.training.summary import run_summary  # noqa: E402
 
-PER_ROLLOUT = [
-    "--shared_prompts",
-    "false",
-    "--gradient_checkpointing",
-    "true",
-]  # the step before shared prompts
+PER_ROLLOUT = ["--no-shared_prompts", "--gradient_checkpointing", "true"]  # the step before shared prompts
 MODES = {
     "fp32": [],
     "qlora": ["--qlora"],
