@@ -257,8 +257,9 @@ def trl_steps(name: str, args: argparse.Namespace, runs_dir: Path) -> dict:
 
     values = {**config_values(name, args.changes), **RUN_VALUES, "algo": "grpo", "output_dir": str(runs_dir)}
     values["steps"] = args.warmup + args.trl_steps
-    checkpointing = PATHS["today"].get("gradient_checkpointing", True)
-    config = Config(**{**values, "gradient_checkpointing": checkpointing})  # as the study's TRL arm
+    # TRL's own default (TrainingArguments) and its faster setting here: the step fits without it
+    checkpointing = False
+    config = Config(**{**values, "gradient_checkpointing": checkpointing})
     print(f"[{name}/trl] loading", flush=True)
     model, tokenizer, device = trl_policy(config)
     rewards: list[tuple[float, int]] = []
