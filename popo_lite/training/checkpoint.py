@@ -31,6 +31,8 @@ from popo_lite.training.run_paths import (
     MARKER,
     RunsError,
     check_checkpoint_files,
+    file_path,
+    folder_path,
     make_folder,
     read_text,
     remove,
@@ -73,8 +75,10 @@ def save_checkpoint(
     scheduler,
     extra: dict,
     adapters: tuple[str, ...] = (POLICY, EMA),
+    shape: dict | None = None,
 ) -> Path:
     """Write checkpoint `step` under `folder` (a run's `checkpoints/`) atomically; returns its path.
+    `shape` (`shape_of(config)`) is kept in shape.json, for a resume to check its config against.
 
     What stood at its name before (an older try, a planted link or loop) is removed first: a link
     itself, never what it points at (run_paths.remove)."""
@@ -95,6 +99,8 @@ def save_checkpoint(
         },
         partial / "trainer_state.pt",
     )
+    if shape is not None:
+        write_text(run_dir, "checkpoints", name + ".partial", SHAPE_FILE, text=json.dumps(shape))
     write_text(run_dir, "checkpoints", name + ".partial", MARKER, text=f"{step}\n")
     remove(run_dir, "checkpoints", name)
     partial.rename(final)
@@ -173,50 +179,65 @@ def load_checkpoint(
     return apply_checkpoint(saved, model, predictor, optimizer, scheduler)
 
 
+def _planted(path: Path) -> bool:
+    try:
+        check_checkpoint_files(path.parent.parent, path.name)
+    except RunsError:
+        return True  # read_checkpoint refuses it, naming the file
+    return False
+
+
 class CheckpointMismatch(ValueError):
     """The newest checkpoint was trained with other shapes than the config asks for (rank, targets, ...)."""
 
 
-def _adapter_settings(path: Path) -> dict:
-    try:
-        text = read_text(path.parent.parent, "checkpoints", path.name, POLICY, "adapter_config.json")
-        return json.loads(text or "{}")
-    except (RunsError, OSError, ValueError):
-        return {}  # read_checkpoint then says what is wrong with the adapter
+SHAPE = ("lora_rank", "lora_target_modules", "algo", "predictor_dim")  # what a resume must keep
+SHAPE_FILE = "shape.json"  # the config's SHAPE fields, in every checkpoint
 
 
-def _targets(value) -> list[str] | str:
-    return sorted(value) if isinstance(value, list | tuple | set) else str(value)
+def shape_of(config) -> dict:
+    return {name: getattr(config, name) for name in SHAPE}
+
+
+def _saved_shape(path: Path) -> dict:
+    """The shape checkpoint `path` was trained with: its shape.json, or what its files tell (a
+    checkpoint written before shape.json: algo, rank and predictor width, not the targets)."""
+    run_dir, parts = path.parent.parent, ("checkpoints", path.name)
+    text = read_text(run_dir, *parts, SHAPE_FILE)
+    if text:
+        return json.loads(text)
+    shape: dict = {"algo": "popo" if folder_path(run_dir, *parts, EMA) else "grpo"}
+    settings = json.loads(read_text(run_dir, *parts, POLICY, "adapter_config.json") or "{}")
+    if "r" in settings:
+        shape["lora_rank"] = settings["r"]
+    predictor = file_path(run_dir, *parts, "predictor.pt")
+    if predictor is not None:
+        weights = torch.load(predictor, map_location="cpu", weights_only=True)
+        shape["predictor_dim"] = int(weights["net.0.weight"].shape[0])
+    return shape
+
+
+def _comparable(value):
+    return sorted(value) if isinstance(value, list | tuple) else value
 
 
 def shape_mismatches(path: Path, config) -> list[str]:
-    """The shape fields of `config` that checkpoint `path` was not trained with, each as
-    'field: the checkpoint's value, not the config's' (lora_rank, lora_target_modules, algo,
-    predictor_dim); [] when it fits. Read from the checkpoint's own files, never from config.yaml."""
-    mismatches = []
-    algo = "popo" if (path / EMA).is_dir() or (path / "predictor.pt").is_file() else "grpo"
-    if algo != config.algo:
-        mismatches.append(f"algo: the checkpoint's is {algo}, not {config.algo}")
-    settings = _adapter_settings(path)
-    if "r" in settings and settings["r"] != config.lora_rank:
-        mismatches.append(f"lora_rank: the checkpoint's is {settings['r']}, not {config.lora_rank}")
-    targets = settings.get("target_modules")
-    wanted = config.lora_target_modules
-    if targets is not None and not (isinstance(wanted, str) and wanted == "all-linear"):
-        if _targets(targets) != _targets(wanted):
-            mismatches.append(
-                f"lora_target_modules: the checkpoint's are {_targets(targets)}, not {_targets(wanted)}"
-            )
-    if algo == config.algo == "popo" and (path / "predictor.pt").is_file():
-        try:
-            width = torch.load(path / "predictor.pt", map_location="cpu", weights_only=True)[
-                "net.0.weight"
-            ].shape[0]
-        except Exception:  # a damaged file: read_checkpoint says so
-            width = config.predictor_dim
-        if width != config.predictor_dim:
-            mismatches.append(f"predictor_dim: the checkpoint's is {width}, not {config.predictor_dim}")
-    return mismatches
+    """The SHAPE fields of `config` that checkpoint `path` was not trained with, each as
+    "field X in the checkpoint, Y in the config"; [] when it fits (or its files do not say: then
+    `read_checkpoint` names what is wrong with them)."""
+    try:
+        saved = _saved_shape(path)
+    except Exception:  # a damaged or planted file: read_checkpoint refuses it with the reason
+        return []
+    wanted = shape_of(config)
+    both_popo = saved.get("algo") == config.algo == "popo"
+    return [
+        f"{name} {saved[name]!r} in the checkpoint, {wanted[name]!r} in the config"
+        for name in SHAPE
+        if name in saved
+        and _comparable(saved[name]) != _comparable(wanted[name])
+        and (name != "predictor_dim" or both_popo)
+    ]
 
 
 def read_latest(
@@ -229,7 +250,7 @@ def read_latest(
     found, refused = scan_checkpoints(run_dir, config.steps)
     for reason in refused:
         logger.warning("resume: skipped %s", reason)
-    if found and (mismatches := shape_mismatches(found[0][1], config)):
+    if found and not _planted(found[0][1]) and (mismatches := shape_mismatches(found[0][1], config)):
         raise CheckpointMismatch(f"{found[0][1].name} does not fit the config: {'; '.join(mismatches)}")
     for step, path in found:
         try:

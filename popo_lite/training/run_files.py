@@ -22,7 +22,7 @@ import torch
 from popo_lite.config import Config, ConfigError
 from popo_lite.data.problems import Problem
 from popo_lite.engine.rollouts import Rollouts
-from popo_lite.training.checkpoint import checkpoint_name, latest_checkpoint, save_checkpoint
+from popo_lite.training.checkpoint import checkpoint_name, latest_checkpoint, save_checkpoint, shape_of
 from popo_lite.training.failures import TrainingError
 from popo_lite.training.job_slot import WRITER_LOCK
 from popo_lite.training.records import StepResult, evaluate_during_training
@@ -159,7 +159,7 @@ def write_step(session, result: StepResult, record: dict) -> None:
 def save_checkpoint_of(session) -> Path:
     """Checkpoint the session; a failed write (disk full) removes itself and leaves the last one valid."""
     extra = {"sampler": session.sampler.state_dict(), "noise_generator": session.generator.get_state()}
-    folder = session.run_dir / "checkpoints"
+    config, folder = session.config, session.run_dir / "checkpoints"
     try:
         return save_checkpoint(
             folder,
@@ -170,6 +170,7 @@ def save_checkpoint_of(session) -> Path:
             session.scheduler,
             extra,
             session.adapters,
+            shape_of(config),
         )
     except RunsError as error:  # a link or a file planted where the checkpoint goes: not a disk problem
         raise TrainingError(f"could not write the step {session.step} checkpoint: {error}") from None

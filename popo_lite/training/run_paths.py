@@ -198,7 +198,7 @@ def scan_checkpoints(run_dir: str | Path, steps: int | None) -> tuple[list[tuple
         step = int(match.group(1)) if match else None
         try:
             kind = _kind(path)
-            complete = kind == "folder" and _kind(path / MARKER) == "file"
+            marker = _kind(path / MARKER) if kind == "folder" else None
         except RunsError as error:
             skipped.append(f"{path.name}: {error}")
             continue
@@ -210,8 +210,10 @@ def scan_checkpoints(run_dir: str | Path, steps: int | None) -> tuple[list[tuple
             reason = f"step {step} is beyond the run's {steps} steps"
         elif kind != "folder":
             reason = {"link": "a symbolic link", "file": "a file"}.get(kind, "not a folder")
-        elif not complete:
+        elif marker is None:
             reason = f"no {MARKER} file (the save did not finish)"
+        elif marker != "file":
+            reason = f"its {MARKER} is {'a folder' if marker == 'folder' else 'a link'}, not a file"
         else:
             found.append((step, path))
             continue

@@ -54,24 +54,31 @@ def run_path(root: str | Path, name: str) -> Path:
 
 
 def list_runs(root: str | Path) -> list[str]:
-    """Run directories under `root` (those holding a config.yaml), most recently active first."""
+    """Run directories under `root` (those holding a config.yaml, a regular file), most recently active
+    first. A run whose other files are links is listed: what would start a job then says what is wrong."""
     base = Path(root)
     if not base.is_dir():
         return []
     runs = []
     for child in base.iterdir():
+        if not NAME.fullmatch(child.name):
+            continue
         try:
             resolve_inside(base, child.name)  # a symlink out of the root is not a run of ours
-            files = (
-                [file_path(child, name) for name in ("config.yaml", "metrics.jsonl")]
-                if NAME.fullmatch(child.name)
-                else []
-            )
+            config = file_path(child, "config.yaml")
         except RunsError:
             continue
-        if files and files[0] is not None:
-            runs.append((max(f.stat().st_mtime for f in files if f is not None), child.name))
+        if config is not None:
+            times = [path.stat().st_mtime for path in (config, _regular(child, "metrics.jsonl")) if path]
+            runs.append((max(times), child.name))
     return [name for _, name in sorted(runs, reverse=True)]
+
+
+def _regular(run_dir: Path, name: str) -> Path | None:
+    try:
+        return file_path(run_dir, name)
+    except RunsError:
+        return None
 
 
 def read_config(run_dir: Path, strict: bool = False) -> dict[str, Any]:

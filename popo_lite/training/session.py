@@ -33,6 +33,7 @@ from popo_lite.training.job_slot import WriterLock, hold_run_directory
 from popo_lite.training.reporting import Reporter, check_reporters
 from popo_lite.training.run_files import restart_aside, run_directory, truncate_jsonl
 from popo_lite.training.run_paths import file_path, make_folder, save_config
+from popo_lite.training.runs import read_jsonl
 
 
 class PromptSampler:
@@ -191,6 +192,12 @@ def _resume_point(config: Config, run_dir: Path, adapters: tuple[str, ...]) -> t
     """The checkpoint to resume from, read and checked before the model loads or anything is written:
     None for a run with no history yet; a TrainingError, one line, when its history has no checkpoint
     that loads and fits the config (nothing is changed then)."""
+    logged = max((int(r.get("step", 0)) for r in read_jsonl(run_dir / "metrics.jsonl")), default=0)
+    if logged > config.steps:  # its checkpoints past `steps` would be skipped and its logs cut to them
+        raise TrainingError(
+            f"--resume: run {run_dir.name!r} already logged {logged} steps, more than steps={config.steps}; "
+            f"nothing was changed: give --steps {logged} or more"
+        )
     try:
         path, saved, refused = read_latest(run_dir, config, adapters)
     except CheckpointMismatch as error:
