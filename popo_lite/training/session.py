@@ -203,7 +203,7 @@ def _resume_point(config: Config, run_dir: Path, adapters: tuple[str, ...]) -> t
     except CheckpointMismatch as error:
         raise TrainingError(
             f"--resume: {error}; nothing was changed (config.yaml included): resume with the checkpoint's "
-            "values, or use --restart (or another --run_name) to train with the new ones"
+            "values, or --restart (or another --run_name) to train with the new ones"
         ) from None
     if path is not None:
         return path, saved
@@ -212,7 +212,8 @@ def _resume_point(config: Config, run_dir: Path, adapters: tuple[str, ...]) -> t
         found = "; ".join(refused) if refused else "none (no checkpoints/ entry)"
         raise TrainingError(
             f"--resume: run {run_dir.name!r} has a history but no checkpoint that loads. Found: {found}. "
-            "Nothing was changed: --restart starts it over from step 0 (the old history moved aside)"
+            "Nothing was changed: --restart (train(config, restart=True)) starts it over from step 0, "
+            "the old history moved aside"
         )
     return None
 
