@@ -469,3 +469,10 @@ def test_http_evaluate_lists_and_shows_nothing_from_outside(served):
     assert linked.startswith("**Not started.**") and "not a complete checkpoint" in linked, linked
     assert hostile.startswith("**Not started.**") and "device" in hostile, hostile
     assert not started and _digest(planted.outside) == outside
+
+
+def test_a_fifo_is_never_written_or_waited_on(planted):
+    os.mkfifo(planted.run / "rollouts.jsonl.new")
+    for mode in ("w", "a", "r"):
+        with pytest.raises(RunsError, match="FIFO"):
+            open_file(planted.run, "rollouts.jsonl.new", mode=mode)

@@ -90,33 +90,28 @@ def write_lock(path: Path, job: dict) -> None:
 
 
 def _read_lock(path: Path) -> dict | None:
-    """The job a lock file names; None when there is none or what is there is no lock file (a link, a
-    folder: planted, never followed; `claim` names it)."""
+    """The job a lock file names ({"started": its age} while it is being written); None when there is
+    nothing at `path` or no lock file (a link, a folder: planted, never followed; `claim` names it)."""
     try:
         descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | NOFOLLOW)
-    except FileNotFoundError:
-        return None
-    except OSError:
+    except OSError:  # missing, or a link
         return None
     try:
         status = os.fstat(descriptor)
         if not stat.S_ISREG(status.st_mode):
             return None
-        job = json.loads(os.read(descriptor, 65536) or b"null")
-    except ValueError:
-        job = None
+        try:
+            job = json.loads(os.read(descriptor, 65536))
+        except ValueError:
+            job = None
     finally:
         os.close(descriptor)
-    return job if isinstance(job, dict) else {"started": status.st_mtime}  # being written: judge by age
+    return job if isinstance(job, dict) else {"started": status.st_mtime}
 
 
 def active_job(root: str | Path, slot: str) -> dict | None:
     """The live job holding `slot` ({run, kind, pid, module, started}), clearing a stale lock."""
     path = lock_path(Path(root), slot)
-    if not os.path.lexists(path):
-        return None
-    if not (path.is_file() and not path.is_symlink()):
-        return None  # planted: claim refuses, naming it
     job = _read_lock(path)
     if job is None:
         return None
@@ -124,7 +119,7 @@ def active_job(root: str | Path, slot: str) -> dict | None:
     starting = pid is None and time.time() - float(job.get("started", 0)) < 60
     if starting or (pid is not None and alive(int(pid), job.get("module", "popo_lite."))):
         return job
-    path.unlink(missing_ok=True)
+    path.unlink(missing_ok=True)  # a stale lock: the file itself (never followed)
     return None
 
 

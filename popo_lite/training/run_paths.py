@@ -29,7 +29,7 @@ import yaml
 CHECKPOINT = re.compile(r"step-(\d{6,})")  # a checkpoint folder's whole name (never a `.partial`)
 MARKER = "COMPLETE"  # written last into a checkpoint: a folder without it is unfinished
 FILES = ("config.yaml", "metrics.jsonl", "rollouts.jsonl", "train.log", ".writer.lock")
-FOLDERS = ("checkpoints", "eval", "evaluations", "tensorboard", "vllm_adapter")
+FOLDERS = ("checkpoints", "eval", "evaluations", "tensorboard", "vllm_adapter", "wandb")
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # not on Windows: there the resolve check below is all
 
 
@@ -74,7 +74,9 @@ def _kind(path: Path) -> str | None:
 
 
 def _refuse(path: Path, kind: str, wanted: str) -> RunsError:
-    what = {"link": "a symbolic link", "folder": "a folder", "file": "a file"}.get(kind, "not a regular file")
+    what = {"link": "a symbolic link", "folder": "a folder", "file": "a file"}.get(
+        kind, "not a regular file or folder (a FIFO, socket or device)"
+    )
     return RunsError(f"{path} is {what}, not a {wanted}: popo_lite uses only real files inside a run folder")
 
 
@@ -100,12 +102,13 @@ def folder_path(run_dir: str | Path, *parts: str) -> Path | None:
 def open_file(run_dir: str | Path, *parts: str, mode: str = "r") -> IO:
     """Open a run file: 'r'/'rb' read, 'w'/'wb' replace, 'a'/'ab' append (created when missing).
 
-    `O_NOFOLLOW`, and a FIFO or device is refused before it can block or be written."""
+    `O_NOFOLLOW`, and a FIFO or device is refused before it can block (`O_NONBLOCK`) or be written."""
     path = locate(run_dir, *parts)
-    flags = {"r": os.O_RDONLY | os.O_NONBLOCK, "w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC}
+    flags = {"r": os.O_RDONLY, "w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC}
     flags["a"] = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+    extra = NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     try:
-        descriptor = os.open(path, flags[mode[0]] | NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+        descriptor = os.open(path, flags[mode[0]] | extra, 0o644)
     except OSError:
         kind = _kind(path)
         if kind not in (None, "file"):
@@ -114,8 +117,7 @@ def open_file(run_dir: str | Path, *parts: str, mode: str = "r") -> IO:
     if not stat.S_ISREG(os.fstat(descriptor).st_mode):
         os.close(descriptor)
         raise _refuse(path, "other", "file")
-    if mode[0] == "r":
-        os.set_blocking(descriptor, True)
+    os.set_blocking(descriptor, True)
     binary = "b" in mode
     return os.fdopen(descriptor, mode, **({} if binary else {"encoding": "utf-8", "errors": "replace"}))
 
