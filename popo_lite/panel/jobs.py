@@ -143,15 +143,19 @@ def launch_run(
 ) -> int:
     """Create run `name` from YAML text plus overrides (or resume it) and start training; returns the pid.
 
-    The config (a resumed run's config.yaml too) is held to the browser's path rule (paths.py) first."""
+    The config (a resumed run's config.yaml too) is held to the browser's path rule (paths.py) first.
+    A resumed run trains on with its own config.yaml, which the trainer rewrites only once its
+    checkpoint is checked: no overrides then."""
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     run_dir = run_path(root, name)
+    if resume and overrides:
+        raise RunsError("a resumed run keeps its own config.yaml: start a new run to change settings")
     if resume:
         if not run_dir.is_dir() or file_path(run_dir, "config.yaml") is None:
             raise RunsError(f"no run {name!r} to resume")
         check_run_folder(run_dir)
-        values = {**read_config(run_dir, strict=True), **(overrides or {})}
+        values = read_config(run_dir, strict=True)
         values.pop("output_dir", None)  # where it was written from: the panel sets it below
     else:
         if run_dir.exists() and any(run_dir.iterdir()):
