@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from popo_lite.config import Config, load_config  # noqa: E402
+from popo_lite.core.rollouts import Rollouts  # noqa: E402
 from popo_lite.core.siamese import Predictor, ema_reset, ema_update  # noqa: E402
 from popo_lite.core.updates import grpo_update, popo_update  # noqa: E402
 from popo_lite.engine.model import (  # noqa: E402
@@ -54,7 +55,7 @@ from popo_lite.engine.model import (  # noqa: E402
     resolve_device,
     resolve_dtype,
 )
-from popo_lite.engine.rollouts import Rollouts, generate_rollouts  # noqa: E402
+from popo_lite.engine.rollouts import generate_rollouts  # noqa: E402
 
 GIB = 2**30
 PAD, EOS = 0, 1  # ids of the stand-in tokenizer's specials; ids from 3 up are words

@@ -28,10 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from popo_lite.config import load_config  # noqa: E402
+from popo_lite.core.rollouts import Rollouts  # noqa: E402
 from popo_lite.core.siamese import ema_forward  # noqa: E402
 from popo_lite.core.updates import sequence_logprobs  # noqa: E402
 from popo_lite.data.problems import format_prompt, load_problems  # noqa: E402
-from popo_lite.engine.rollouts import Rollouts, generate_rollouts  # noqa: E402
+from popo_lite.engine.rollouts import generate_rollouts  # noqa: E402
 from popo_lite.evaluation.benchmarks import EvalSettings, evaluate_problems  # noqa: E402
 from popo_lite.training.trainer import prepare, reward, run  # noqa: E402
 

@@ -70,7 +70,19 @@ class Config:
     lora_target_modules: list[str] | str = _f(
         "all-linear", "Modules that get LoRA adapters: 'all-linear' or a list of module names."
     )
-    gradient_checkpointing: bool = _f(True, "Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool | str = _f(
+        "auto",
+        "Recompute activations in backward to save memory: true, false, or auto = only where the memory "
+        "planner (popo_lite.plan) says the step would not fit without it; the trainer prints the reason. "
+        "The same numbers either way.",
+    )
+    shared_prompts: bool = _f(
+        True,
+        "A group's G rollouts share one prompt forward: generation prefills each prompt once and copies its "
+        "KV cache to the group; the update runs each prompt forward once per step and its G completions "
+        "attend to it (the prompt's LoRA gradient is the sum over the group, as with one forward per "
+        "rollout). The same numbers to float rounding; off = one prompt forward per rollout.",
+    )
     trust_remote_code: bool = _f(False, "Allow custom model code from the Hub (off: runs no foreign code).")
     model_loader: str = _f(
         "hf",
@@ -155,6 +167,13 @@ class Config:
         False,
         "POPO: micro-batches hold positive rollouts only, each group's together, so the gradient work scales "
         "with the positives. Needs entropy_over: positives or beta_entropy: 0.",
+    )
+    nll_normalization: str = _f(
+        "micro_batch",
+        "POPO: what the weighted NLL divides by: each micro-batch's positive tokens (the reference), or the "
+        "step's positive tokens (step: every positive token counts alike, however the rows were split; per "
+        "process under accelerate).",
+        ("micro_batch", "step"),
     )
     shuffle_micro_batches: bool = _f(
         True,
@@ -263,6 +282,9 @@ class Config:
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if isinstance(self.gradient_checkpointing, str) and self.gradient_checkpointing != "auto":
+            value = _short(self.gradient_checkpointing)
+            raise ConfigError(f"gradient_checkpointing: {value} is not one of true, false, auto")
         if self.pack_positives and self.entropy_over == "all" and self.beta_entropy > 0:
             raise ConfigError(
                 "pack_positives trains positives only: set entropy_over: positives or beta_entropy: 0 (the "
@@ -373,6 +395,7 @@ def _is_instance(value: Any, kind: type) -> bool:
     return isinstance(value, kind)
 
 
+BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Config))
 
 
@@ -457,6 +480,8 @@ def _value_parser(field: dataclasses.Field):
     def parse(text: str) -> Any:
         if "None" in kinds and text.lower() in ("none", "null"):
             return None
+        if "bool" in kinds and text.lower() in BOOLEAN_WORDS:  # a field that is a bool or a word
+            return BOOLEAN_WORDS[text.lower()]
         if "int" in kinds:
             return int(text)
         if "float" in kinds:

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     processes = arguments.pop("processes")
     try:
         config = load_config(config_path, arguments)
-        plan = estimate(config, processes=processes)
+        plan = estimate(config, processes=processes, gpu_gib=gpu_gib)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

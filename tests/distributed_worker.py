@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from popo_lite.config import Config, load_config
+from popo_lite.core.rollouts import Rollouts
 from popo_lite.core.updates import popo_update
-from popo_lite.engine.rollouts import Rollouts
 from popo_lite.training import trainer
 
 # 4 prompts x 4 rollouts; prompt 1 has no positive (a zero-positive micro-batch at micro_batch_size 4).

@@ -18,10 +18,11 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from popo_lite.config import Config, ConfigError, load_config
+from popo_lite.core.rollouts import Rollouts
 from popo_lite.core.siamese import POLICY, Predictor, ema_reset
 from popo_lite.core.updates import grpo_update, popo_update
 from popo_lite.engine.choose import load_policy
-from popo_lite.engine.rollouts import Rollouts, generate_rollouts
+from popo_lite.engine.rollouts import generate_rollouts
 from popo_lite.plan import main
 from popo_lite.planning.estimate import (
     GIB,
@@ -228,6 +229,7 @@ def small_models(tmp_path_factory) -> dict[str, Path]:
 
 def _small_config(folder: Path, **overrides) -> Config:
     values = dict(model=str(folder), dtype="float32", device="cpu", prompts_per_step=2, rollouts_per_prompt=4)
+    values |= dict(gradient_checkpointing=True)  # the GPU recipes' setting; auto would pick off here
     values |= dict(
         max_prompt_tokens=32, max_new_tokens=128, micro_batch_size=4, predictor_dim=256, lora_rank=16
     )
@@ -252,8 +254,21 @@ def _full_length_rollouts(config: Config, vocab: int) -> tuple[Rollouts, torch.T
         ("vocab", {"qlora": True}, "backward through a log-prob chunk"),
         ("mlp", {}, "backward through one decoder layer"),
         ("mlp", {"algo": "grpo", "gradient_checkpointing": False}, "no-grad EMA/reference forward"),
+        ("mlp", {"gradient_checkpointing": False}, "no-grad EMA/reference forward"),
+        (
+            "mlp",
+            {"algo": "grpo", "gradient_checkpointing": False, "shared_prompts": False},
+            "no-grad EMA/reference forward",
+        ),
     ],
-    ids=["popo-vocab", "popo-vocab-qlora", "popo-mlp", "grpo-mlp-no-checkpointing"],
+    ids=[
+        "popo-vocab",
+        "popo-vocab-qlora",
+        "popo-mlp",
+        "grpo-mlp-shared-prompts",
+        "popo-mlp-shared-prompts",
+        "grpo-mlp-per-rollout-prompts",
+    ],
 )
 def test_predicted_update_peak_is_within_15_percent_of_measured(small_models, model, overrides, moment):
     config = _small_config(small_models[model], **overrides)
@@ -298,21 +313,23 @@ def test_predicted_update_peak_is_within_15_percent_of_measured(small_models, mo
 
 
 @pytest.mark.parametrize(
-    ("prompt", "new", "prompts", "part", "chunk"),
+    ("prompt", "new", "prompts", "part", "chunk", "shared"),
     [
-        (64, 8, 4, "generation_activations", None),
-        (64, 8, 4, "generation_activations", 16),
-        (8, 64, 8, "kv_cache", None),
+        (64, 8, 4, "generation_activations", None, False),
+        (64, 8, 4, "generation_activations", 16, False),
+        (8, 64, 8, "kv_cache", None, False),
+        (64, 8, 4, "kv_cache", None, True),
+        (64, 8, 4, "kv_cache", 16, True),
     ],
-    ids=["prefill", "prefill-chunked", "decode"],
+    ids=["prefill", "prefill-chunked", "decode", "prefill-shared", "prefill-shared-chunked"],
 )
 def test_predicted_generation_peak_is_within_15_percent_of_measured(
-    small_models, prompt, new, prompts, part, chunk
+    small_models, prompt, new, prompts, part, chunk, shared
 ):
     sizes = dict(
         max_prompt_tokens=prompt, max_new_tokens=new, prompts_per_step=prompts, prefill_chunk_size=chunk
     )
-    config = _small_config(small_models["vocab"], **sizes)
+    config = _small_config(small_models["vocab"], shared_prompts=shared, **sizes)
     plan = estimate(config, AutoConfig.from_pretrained(small_models["vocab"]))
     policy, tokenizer, _ = load_policy(config)
     texts = ["1" * (prompt - 3 * (i % 2)) for i in range(prompts)]  # digits: one token each; padded pairs
@@ -327,17 +344,19 @@ def test_predicted_generation_peak_is_within_15_percent_of_measured(
             1.0,
             prompt,
             prefill_chunk_size=chunk,
+            shared_prompts=shared,
         )
     assert rollouts.prompt_ids.shape[1] == prompt and rollouts.completion_ids.shape[1] == new
     parts = ("weights", "adapters", "kv_cache", "generation_activations")  # no predictor or AdamW here
     predicted = sum(plan.breakdown[key] for key in parts)
     print(
-        f"generation {prompt}+{new}: measured {memory.peak:,} predicted {predicted:,}",
+        f"generation {prompt}+{new} shared {shared}: measured {memory.peak:,} predicted {predicted:,}",
         plan.moments["generation"],
     )
     assert plan.breakdown[part] > TOLERANCE * memory.peak  # without this part the check would fail
     assert abs(predicted - memory.peak) / memory.peak < TOLERANCE
-    assert plan.moments["generation"].startswith("prefill" if prompt > new else "last decoding step")
+    if not shared:  # a shared prefill runs G times fewer rows: its peak is near the decoding one
+        assert plan.moments["generation"].startswith("prefill" if prompt > new else "last decoding step")
 
 
 def test_data_parallel_processes_share_the_generation_not_the_update():

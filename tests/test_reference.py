@@ -34,9 +34,9 @@ from popo_lite.core.objectives import (
     similarity_penalty,
     weighted_nll,
 )
+from popo_lite.core.rollouts import Rollouts
 from popo_lite.core.siamese import Predictor, adapter_pairs, ema_forward, ema_reset
 from popo_lite.core.updates import grpo_update, popo_update
-from popo_lite.engine.rollouts import Rollouts
 
 RTOL, ATOL = 1e-5, 1e-6  # float32 fast code against the float64 reference
 SEEDS = range(5)
@@ -663,12 +663,13 @@ PROMPT, COMPLETION = 7, 5
 
 
 def fixed_rollouts(vocab: int, pad: int, group: int = 4) -> Rollouts:
-    """Left-padded prompts of different lengths, right-padded completions of 1 to 4 tokens: the first
-    prompt column and the last completion column are padding in every row (the update trims them)."""
+    """Left-padded prompts of different lengths, one per group as every engine makes them, right-padded
+    completions of 1 to 4 tokens: the first prompt column and the last completion column are padding in
+    every row (the update trims them)."""
     g = torch.Generator().manual_seed(1)
     rows = REWARDS.numel()
-    prompt_ids = torch.randint(3, vocab, (rows, PROMPT), generator=g)
-    padding = torch.randint(1, 4, (rows,), generator=g)
+    prompt_ids = torch.randint(3, vocab, (rows // group, PROMPT), generator=g).repeat_interleave(group, 0)
+    padding = torch.randint(1, 4, (rows // group,), generator=g).repeat_interleave(group, 0)
     prompt_mask = (torch.arange(PROMPT)[None, :] >= padding[:, None]).long()
     prompt_ids = torch.where(prompt_mask.bool(), prompt_ids, pad)
     completion_ids = torch.randint(3, vocab, (rows, COMPLETION), generator=g)

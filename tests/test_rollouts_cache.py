@@ -57,6 +57,7 @@ def test_chunked_prefill_greedy_rollouts_equal_whole_prompt_prefill(tiny_config)
 
     def rollouts(chunk: int | None):
         options = {"max_new_tokens": 10, "temperature": 0, "prefill_chunk_size": chunk}
+        options["shared_prompts"] = False  # the whole-prompt prefill of every row, counted below
         return generate_rollouts(model, tokenizer, PROMPTS, group_size=2, **options)
 
     forwards: list[int] = []  # positions fed per decoder forward
@@ -92,7 +93,15 @@ def test_batches_sorted_by_prompt_length_and_cut_to_it_give_the_same_greedy_roll
     def rollouts(batch_size: int | None, cache: str = "dynamic"):
         widths.clear()
         return generate_rollouts(
-            model, tokenizer, PROMPTS, 2, max_new_tokens=10, temperature=0, batch_size=batch_size, cache=cache
+            model,
+            tokenizer,
+            PROMPTS,
+            2,
+            max_new_tokens=10,
+            temperature=0,
+            batch_size=batch_size,
+            cache=cache,
+            shared_prompts=False,  # every row prefilled, so the widths below are the prompts'
         )
 
     together = rollouts(None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from popo_lite.core.logprobs import completion_stats
+from popo_lite.core.logprobs import PromptPrefix, completion_stats
 
 
 class PolicyForward(nn.Module):
@@ -31,8 +31,13 @@ class PolicyForward(nn.Module):
         temperature: float,
         with_entropy: bool = False,
         with_features: bool = False,
+        prefix: PromptPrefix | None = None,
+        prefix_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """(log-probs (N, T), entropy (N, T) or None, features (N, H) or None, predicted (N, H) or None)."""
+        """(log-probs (N, T), entropy (N, T) or None, features (N, H) or None, predicted (N, H) or None).
+
+        With `prefix`, the rows' prompts come from it (`completion_stats`): input_ids hold completions only.
+        """
         stats = completion_stats(
             self.model,
             input_ids,
@@ -42,6 +47,8 @@ class PolicyForward(nn.Module):
             temperature,
             with_entropy=with_entropy,
             with_features=with_features,
+            prefix=prefix,
+            prefix_rows=prefix_rows,
         )
         predicted = None
         if with_features and self.predictor is not None:

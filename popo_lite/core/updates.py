@@ -31,10 +31,11 @@ import torch
 from torch import nn
 
 from popo_lite.config import Config
+from popo_lite.core.logprobs import PromptPrefix, prompt_prefix
 from popo_lite.core.objectives import grpo_advantages, grpo_loss, kl_k3, popo_loss, popo_weights
 from popo_lite.core.policy_forward import PolicyForward
+from popo_lite.core.rollouts import Rollouts
 from popo_lite.core.siamese import Predictor, ema_forward
-from popo_lite.engine.rollouts import Rollouts
 
 
 class NonFiniteLoss(RuntimeError):
@@ -74,13 +75,63 @@ def _rows(rollouts: Rollouts, mb_rows: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def _forward(
-    forward: nn.Module, rollouts: Rollouts, mb_rows: torch.Tensor, temperature: float, **flags
+    forward: nn.Module,
+    rollouts: Rollouts,
+    mb_rows: torch.Tensor,
+    temperature: float,
+    prefix: PromptPrefix | None = None,
+    **flags,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """(token log-probs (n, T'), entropy, features (n, H), predicted (n, H), completion mask (n, T')) of
-    `mb_rows` through `forward` (a PolicyForward or its DDP wrapper); with gradient unless under no_grad."""
-    input_ids, attention_mask, prompt_width, completion_mask = _rows(rollouts, mb_rows)
-    outputs = forward(input_ids, attention_mask, prompt_width, completion_mask, temperature, **flags)
+    `mb_rows` through `forward` (a PolicyForward or its DDP wrapper); with gradient unless under no_grad.
+    With `prefix` (the step's prompts run once, `shared_prefix`), only the completions run here."""
+    if prefix is None:
+        input_ids, attention_mask, prompt_width, completion_mask = _rows(rollouts, mb_rows)
+        outputs = forward(input_ids, attention_mask, prompt_width, completion_mask, temperature, **flags)
+        return (*outputs, completion_mask)
+    width = max(int(rollouts.completion_mask[mb_rows].sum(1).max()), 1)
+    completion_ids = rollouts.completion_ids[mb_rows, :width]  # (n, T')
+    completion_mask = rollouts.completion_mask[mb_rows, :width]
+    prefix_rows = mb_rows // rollouts.group_size  # rows i*G .. i*G + G - 1 share prompt i
+    outputs = forward(
+        completion_ids,
+        completion_mask,
+        0,
+        completion_mask,
+        temperature,
+        prefix=prefix,
+        prefix_rows=prefix_rows,
+        **flags,
+    )
     return (*outputs, completion_mask)
+
+
+def shared_prefix(model, rollouts: Rollouts, enabled: bool) -> PromptPrefix | None:
+    """The step's B distinct prompts run through `model` once (with gradient unless under no_grad), or
+    None: `shared_prompts` off, or a model whose cache cannot be shared (`prompt_prefix`). Under gradient
+    checkpointing transformers builds no cache in a training forward, so that case is None too."""
+    group = rollouts.group_size
+    rows, width = rollouts.prompt_ids.shape
+    if not enabled or rows % group:
+        return None
+    grouped = rollouts.prompt_ids.view(rows // group, group, width)  # (B, G, P)
+    if not bool((grouped == grouped[:, :1]).all()):  # a record whose groups do not share their prompt
+        return None
+    prompt_mask = rollouts.prompt_mask[::group]  # (B, P)
+    first = int((prompt_mask.sum(0) > 0).nonzero()[0]) if prompt_mask.any() else 0
+    return prompt_prefix(model, rollouts.prompt_ids[::group, first:], prompt_mask[:, first:])
+
+
+def _shares_gradient_prompts(config: Config, replicas) -> bool:
+    """Whether the gradient forwards may share prompts: one process (DDP all-reduces inside the last
+    micro-batch's backward, before the prompts' own backward) and no LoRA dropout (one shared forward
+    would give the whole group one dropout mask)."""
+    return config.shared_prompts and replicas is None and config.lora_dropout == 0
+
+
+def _phase(timer, name: str):
+    """A named phase of `timer` (training.records.PhaseTimer), or nothing without one."""
+    return timer.phase(name) if timer is not None else nullcontext()
 
 
 def _micro_batches(b_rows: torch.Tensor, size: int) -> list[torch.Tensor]:
@@ -109,14 +160,20 @@ def _token_lists(token_logprobs: torch.Tensor, mask: torch.Tensor) -> list[list[
 
 @torch.no_grad()
 def sequence_logprobs(
-    model, rollouts: Rollouts, b_rows: torch.Tensor, micro_batch_size: int, temperature: float
+    model,
+    rollouts: Rollouts,
+    b_rows: torch.Tensor,
+    micro_batch_size: int,
+    temperature: float,
+    shared_prompts: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, list[list[float]]]:
     """Mean and summed completion log-probs of the rows `b_rows` under the active adapter, no gradient;
     also each row's token log-probs (for the rollout inspector's colouring)."""
     forward = PolicyForward(model)
+    prefix = shared_prefix(model, rollouts, shared_prompts)
     means, sums, per_token = [], [], []
     for mb_rows in _micro_batches(b_rows, micro_batch_size):
-        mb_logprobs, _, _, _, mb_mask = _forward(forward, rollouts, mb_rows, temperature)
+        mb_logprobs, _, _, _, mb_mask = _forward(forward, rollouts, mb_rows, temperature, prefix)
         mean, summed = _sequence_scores(mb_logprobs, mb_mask)
         means.append(mean)
         sums.append(summed)
@@ -215,41 +272,52 @@ def _zero_policy_gradients(model: nn.Module) -> None:
             param.grad = torch.zeros_like(param)
 
 
-def _ema_targets(
-    model, rollouts: Rollouts, mb_rows: torch.Tensor, mb_positive: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    """f_xi(y) (n+, H) of the micro-batch's positives from the EMA adapter, without gradient."""
-    with torch.no_grad(), ema_forward(model):
-        _, _, mb_ema_features, _, _ = _forward(
-            PolicyForward(model), rollouts, mb_rows[mb_positive], temperature, with_features=True
-        )
-    return mb_ema_features
+class _EMATargets:
+    """f_xi(y) of positives from the EMA adapter, without gradient; with shared prompts, the step's
+    prompts run through the EMA adapter once, at the first micro-batch that needs them."""
+
+    def __init__(self, model, rollouts: Rollouts, temperature: float, shared_prompts: bool) -> None:
+        self.model, self.rollouts, self.temperature = model, rollouts, temperature
+        self.shared_prompts, self.prefix = shared_prompts, None
+
+    @torch.no_grad()
+    def __call__(self, b_rows: torch.Tensor) -> torch.Tensor:
+        """(n+, H) EMA features of the rows `b_rows`."""
+        with ema_forward(self.model):
+            if self.shared_prompts and self.prefix is None:
+                self.prefix = shared_prefix(self.model, self.rollouts, True)
+            outputs = _forward(
+                PolicyForward(self.model),
+                self.rollouts,
+                b_rows,
+                self.temperature,
+                self.prefix,
+                with_features=True,
+            )
+        return outputs[2]
 
 
 def _popo_micro_batch_loss(
-    model,
-    rollouts: Rollouts,
-    mb_rows: torch.Tensor,
     mb_outputs: tuple,
     mb_weights: torch.Tensor,
     mb_positive: torch.Tensor,
+    mb_ema_features: torch.Tensor | None,
     *,
     alpha: float,
     beta_entropy: float,
     entropy_over: str,
     noise_std: float,
-    temperature: float,
     generator: torch.Generator,
+    nll_token_count: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """One micro-batch's POPO loss from its policy forward (`mb_outputs`, with gradient) and the EMA
-    forward on its positives. A micro-batch with no positive gives a connected zero."""
+    features of its positives (n+, H). A micro-batch with no positive gives a connected zero."""
     mb_logprobs, mb_entropy, mb_features, mb_predicted, mb_mask = mb_outputs
     mb_target = mb_noise = None
     extra = {}
     if alpha > 0:
         mb_target = torch.zeros_like(mb_features)  # (n, H); zero weight where not positive
         if mb_positive.any():
-            mb_ema_features = _ema_targets(model, rollouts, mb_rows, mb_positive, temperature)
             mb_target[mb_positive] = mb_ema_features
             cosine = torch.cosine_similarity(mb_features[mb_positive].detach(), mb_ema_features, dim=-1)
             extra["cosine_policy_ema"] = float(cosine.mean())
@@ -267,6 +335,7 @@ def _popo_micro_batch_loss(
         alpha=alpha,
         beta_entropy=beta_entropy,
         entropy_over=entropy_over,
+        nll_token_count=nll_token_count,
     )
     return loss, {**metrics, **extra}
 
@@ -287,14 +356,19 @@ def popo_update(
     config: Config,
     generator: torch.Generator,
     replicas: Replicated | None = None,
+    timer=None,
+    shuffle_generator: torch.Generator | None = None,
 ) -> Update:
     """Accumulate POPO gradients for one step; returns (metrics, weights (B*G,), token log-probs by row).
 
     rewards: (B, G). Weights are per group, from the policy that sampled (no gradient), over positives
     only: a non-positive's weight is 0 whatever its log-prob. `generator` (CPU) draws the similarity
-    noise and the micro-batch shuffle. On one process a micro-batch with no positive is skipped (its loss
-    is exactly zero; it still counts in the divisor), and a step with no positive at all gives the policy
-    adapter zero gradients, as the reference's connected zero does, so the optimizer still steps.
+    noise, and `shuffle_generator` the micro-batch shuffle (`generator` when None); the trainer gives
+    each its own stream, so an ablation that draws less noise still shuffles alike. On one process a
+    micro-batch with no positive is skipped (its loss is exactly zero; it still counts in the divisor),
+    and a step with no positive at all gives the policy adapter zero gradients, as the reference's
+    connected zero does, so the optimizer still steps.
+    `timer` (a PhaseTimer) times the phases "weights", "loss" (forwards and backwards) and "similarity".
     """
     device = rollouts.completion_ids.device
     count = rewards.numel()
@@ -304,7 +378,8 @@ def popo_update(
         # rows whose weights come from their own loss forward (exact only without dropout)
         b_deferred = b_positive & ~b_split if config.lora_dropout == 0 else torch.zeros_like(b_positive)
     else:
-        order = batch_order(count, config.shuffle_micro_batches, generator, device)
+        shuffle = shuffle_generator if shuffle_generator is not None else generator
+        order = batch_order(count, config.shuffle_micro_batches, shuffle, device)
         micro_batches, b_deferred = (
             _micro_batches(order, config.micro_batch_size),
             torch.zeros_like(b_positive),
@@ -319,10 +394,16 @@ def popo_update(
     )
     b_first_pass = (b_positive & ~b_deferred).nonzero().flatten()
     if b_first_pass.numel():
-        book.record(
-            b_first_pass,
-            *sequence_logprobs(model, rollouts, b_first_pass, config.micro_batch_size, config.temperature),
-        )
+        with _phase(timer, "weights"):
+            scores = sequence_logprobs(
+                model,
+                rollouts,
+                b_first_pass,
+                config.micro_batch_size,
+                config.temperature,
+                config.shared_prompts,
+            )
+        book.record(b_first_pass, *scores)
     b_weights = book.weights()
 
     # 2. Loss and backward, micro-batch by micro-batch.
@@ -333,6 +414,16 @@ def popo_update(
         if replicas is not None
         else PolicyForward(model, predictor if use_features else None)
     )
+    ema_targets = _EMATargets(model, rollouts, config.temperature, config.shared_prompts)
+    nll_token_count = None  # the reference: each micro-batch's own positive tokens
+    if config.nll_normalization == "step" and micro_batches:  # the step's, shared out over the divisor
+        b_positive_tokens = rollouts.completion_mask.sum(1)[b_positive].sum()
+        nll_token_count = float(b_positive_tokens) / len(micro_batches)
+    prefix = leaves = None  # the step's prompts, run once with gradient for every micro-batch
+    if _shares_gradient_prompts(config, replicas) and b_positive.any():
+        with _phase(timer, "loss"):
+            prefix = shared_prefix(model, rollouts, True)
+        leaves = prefix.leaves() if prefix is not None else None
     collected: dict[str, list[float]] = defaultdict(list)
     for number, mb_rows in enumerate(micro_batches):
         stand_in = mb_rows is None or (replicas is not None and not b_positive[mb_rows].any())
@@ -344,32 +435,40 @@ def popo_update(
         if not b_positive[mb_rows].any() and replicas is None:
             continue  # the spec's loss here is exactly zero (entropy skipped too): no forward needed
         with _sync(replicas, number, len(micro_batches)):
-            mb_outputs = _forward(
-                forward,
-                rollouts,
-                mb_rows,
-                config.temperature,
-                with_entropy=config.beta_entropy > 0,
-                with_features=use_features,
-            )
+            with _phase(timer, "loss"):
+                mb_outputs = _forward(
+                    forward,
+                    rollouts,
+                    mb_rows,
+                    config.temperature,
+                    leaves,
+                    with_entropy=config.beta_entropy > 0,
+                    with_features=use_features,
+                )
             if b_deferred[mb_rows].any() and not stand_in:
                 b_weights = _weights_from_loss_forward(book, mb_rows, mb_outputs)
             mb_positive = b_positive[mb_rows] & (not stand_in)  # a stand-in counts no row as positive
-            loss, metrics = _popo_micro_batch_loss(
-                model,
-                rollouts,
-                mb_rows,
-                mb_outputs,
-                b_weights[mb_rows] * mb_positive,
-                mb_positive,
-                alpha=config.alpha,
-                beta_entropy=config.beta_entropy,
-                entropy_over=config.entropy_over,
-                noise_std=config.noise_std,
-                temperature=config.temperature,
-                generator=generator,
-            )
-            _backward(loss / len(micro_batches), {} if stand_in else metrics, collected, "POPO", replicas)
+            mb_ema_features = None
+            if use_features and mb_positive.any():
+                with _phase(timer, "similarity"):
+                    mb_ema_features = ema_targets(mb_rows[mb_positive])
+            with _phase(timer, "loss"):
+                loss, metrics = _popo_micro_batch_loss(
+                    mb_outputs,
+                    b_weights[mb_rows] * mb_positive,
+                    mb_positive,
+                    mb_ema_features,
+                    alpha=config.alpha,
+                    beta_entropy=config.beta_entropy,
+                    entropy_over=config.entropy_over,
+                    noise_std=config.noise_std,
+                    generator=generator,
+                    nll_token_count=nll_token_count,
+                )
+                _backward(loss / len(micro_batches), {} if stand_in else metrics, collected, "POPO", replicas)
+    if prefix is not None:
+        with _phase(timer, "loss"):
+            prefix.backward(leaves)  # the prompts' share of the gradient, summed over the step's rows
     if not collected and replicas is None:
         _zero_policy_gradients(model)
     return Update(_mean_metrics(collected), b_weights, book.token_logprobs)
@@ -382,13 +481,15 @@ def grpo_update(
     config: Config,
     replicas: Replicated | None = None,
     generator: torch.Generator | None = None,
+    timer=None,
 ) -> Update:
     """Accumulate GRPO gradients for one step; returns (metrics, advantages (B*G,), token log-probs by row).
 
     On-policy (one update per generation), so old log-probs are the detached current ones and the
     ratio is 1 in value; the clipped form is kept so the gradient is GRPO's (docs/algorithm.md section 4).
     The reference policy is the base: the same model with the adapter disabled. `generator` (CPU) draws
-    the micro-batch shuffle; without one the rows keep their order.
+    the micro-batch shuffle; without one the rows keep their order. `timer` (a PhaseTimer) times the
+    phases "loss" (forwards and backwards) and "reference" (the base's no-grad forward).
     """
     device = rollouts.completion_ids.device
     b_advantages = grpo_advantages(rewards.float()).flatten().to(device)  # (B*G,)
@@ -396,41 +497,63 @@ def grpo_update(
     forward = replicas.forward if replicas is not None else PolicyForward(model)
     order = batch_order(rewards.numel(), config.shuffle_micro_batches, generator, device)
     micro_batches = _micro_batches(order, config.micro_batch_size)
+    prefix = leaves = reference_prefix = None  # the step's prompts, run once per pass
+    if _shares_gradient_prompts(config, replicas):
+        with _phase(timer, "loss"):
+            prefix = shared_prefix(model, rollouts, True)
+        leaves = prefix.leaves() if prefix is not None else None
+    if config.grpo_beta > 0 and config.shared_prompts:
+        with _phase(timer, "reference"), torch.no_grad(), model.disable_adapter():
+            reference_prefix = shared_prefix(model, rollouts, True)
     collected: dict[str, list[float]] = defaultdict(list)
     token_logprobs: dict[int, list[float]] = {}
     for number, mb_rows in enumerate(micro_batches):
         with _sync(replicas, number, len(micro_batches)):
-            mb_logprobs, _, _, _, mb_mask = _forward(forward, rollouts, mb_rows, config.temperature)
+            with _phase(timer, "loss"):
+                mb_logprobs, _, _, _, mb_mask = _forward(
+                    forward, rollouts, mb_rows, config.temperature, leaves
+                )
             token_logprobs.update(zip(mb_rows.tolist(), _token_lists(mb_logprobs, mb_mask), strict=True))
             mb_ref_logprobs = None
             if config.grpo_beta > 0:
-                with torch.no_grad(), model.disable_adapter():
-                    mb_ref_logprobs = _forward(PolicyForward(model), rollouts, mb_rows, config.temperature)[0]
-            loss, metrics = grpo_loss(
-                mb_logprobs,
-                mb_logprobs.detach(),
-                b_advantages[mb_rows],
-                mb_mask,
-                mb_ref_logprobs,
-                clip_eps=config.grpo_clip_eps,
-                beta=config.grpo_beta,
-                normalization=config.grpo_normalization,
-            )
-            _backward(loss / len(micro_batches), metrics, collected, "GRPO", replicas)
+                with _phase(timer, "reference"), torch.no_grad(), model.disable_adapter():
+                    mb_ref_logprobs = _forward(
+                        PolicyForward(model), rollouts, mb_rows, config.temperature, reference_prefix
+                    )[0]
+            with _phase(timer, "loss"):
+                loss, metrics = grpo_loss(
+                    mb_logprobs,
+                    mb_logprobs.detach(),
+                    b_advantages[mb_rows],
+                    mb_mask,
+                    mb_ref_logprobs,
+                    clip_eps=config.grpo_clip_eps,
+                    beta=config.grpo_beta,
+                    normalization=config.grpo_normalization,
+                )
+                _backward(loss / len(micro_batches), metrics, collected, "GRPO", replicas)
+    if prefix is not None:
+        with _phase(timer, "loss"):
+            prefix.backward(leaves)  # the prompts' share of the gradient, summed over the step's rows
     return Update(_mean_metrics(collected), b_advantages, token_logprobs)
 
 
 @torch.no_grad()
-def kl_policy_ema(model, rollouts: Rollouts, micro_batch_size: int, temperature: float) -> float:
+def kl_policy_ema(
+    model, rollouts: Rollouts, micro_batch_size: int, temperature: float, shared_prompts: bool = False
+) -> float:
     """KL(policy || EMA) by the k3 estimator on this step's completions: monitoring only."""
     model.eval()
     forward = PolicyForward(model)
+    policy_prefix = shared_prefix(model, rollouts, shared_prompts)
+    with ema_forward(model):
+        ema_prefix = shared_prefix(model, rollouts, shared_prompts)
     b_rows = torch.arange(rollouts.completion_ids.shape[0], device=rollouts.completion_ids.device)
     values, tokens = [], []
     for mb_rows in _micro_batches(b_rows, micro_batch_size):
-        mb_policy, _, _, _, mb_mask = _forward(forward, rollouts, mb_rows, temperature)
+        mb_policy, _, _, _, mb_mask = _forward(forward, rollouts, mb_rows, temperature, policy_prefix)
         with ema_forward(model):
-            mb_ema = _forward(forward, rollouts, mb_rows, temperature)[0]
+            mb_ema = _forward(forward, rollouts, mb_rows, temperature, ema_prefix)[0]
         values.append(float(kl_k3(mb_policy, mb_ema, mb_mask)) * float(mb_mask.sum()))
         tokens.append(float(mb_mask.sum()))
     return sum(values) / max(sum(tokens), 1.0)

@@ -7,15 +7,17 @@ these two functions; the engines themselves do not know of each other.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 import torch
 from peft import PeftModel
 
-from popo_lite.config import Config
-from popo_lite.engine.model import attach_adapters, load_base
-from popo_lite.engine.rollouts import Rollouts, generate_rollouts
+from popo_lite.config import Config, ConfigError
+from popo_lite.core.rollouts import Rollouts
+from popo_lite.engine.model import attach_adapters, device_memory_gib, load_base, resolve_device
+from popo_lite.engine.rollouts import generate_rollouts
 
 
 def load_policy(config: Config, check_tokenizer=None) -> tuple[PeftModel, object, torch.device]:
@@ -25,12 +27,30 @@ def load_policy(config: Config, check_tokenizer=None) -> tuple[PeftModel, object
     FastLanguageModel (`engine/unsloth_loader.py`, CUDA only). `check_tokenizer(tokenizer)` runs before
     the weights load.
     """
+    config = resolve_checkpointing(config)
     if config.model_loader == "unsloth":
         from popo_lite.engine import unsloth_loader
 
         return unsloth_loader.load_policy(config, check_tokenizer)
     base, tokenizer, device = load_base(config, check_tokenizer)
     return attach_adapters(base, config), tokenizer, device
+
+
+def resolve_checkpointing(config: Config) -> Config:
+    """`gradient_checkpointing: auto` decided by the memory planner for this device, the reason printed;
+    a config that says true or false is returned as it is."""
+    if config.gradient_checkpointing != "auto":
+        return config
+    from popo_lite.planning.estimate import checkpointing_choice
+
+    device = resolve_device(config.device)
+    sized = replace(config, device="cpu") if device.type == "cpu" else config  # fp32 compute on a CPU
+    try:
+        on, reason = checkpointing_choice(sized, device_memory_gib(device))
+    except ConfigError as error:  # shapes the planner cannot read: the safe choice
+        on, reason = True, f"on: the planner cannot size this model ({error})"
+    print(f"gradient_checkpointing auto: {reason}")
+    return replace(config, gradient_checkpointing=on)
 
 
 def rollout_engine(config: Config, run_dir: Path, rank: int = 0) -> Callable[..., Rollouts]:
@@ -51,4 +71,5 @@ def rollout_engine(config: Config, run_dir: Path, rank: int = 0) -> Callable[...
         batch_size=config.generation_batch_size,
         cache=config.generation_cache,
         prefill_chunk_size=config.prefill_chunk_size,
+        shared_prompts=config.shared_prompts,
     )

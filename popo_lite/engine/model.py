@@ -35,6 +35,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def device_memory_gib(device: torch.device) -> float:
+    """Memory a training run may plan for: a GPU's total memory; on a CPU half the machine's RAM (the
+    rest for the system, the data and Python itself)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 2**30
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**31
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name != "auto":
         return getattr(torch, name)

@@ -5,36 +5,15 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 
 import torch
 from transformers import CompileConfig
 
+from popo_lite.core.logprobs import prompt_prefix
+from popo_lite.core.rollouts import Rollouts
+
 CACHES = ("dynamic", "static", "paged")  # Config.generation_cache
 PAGE_SIZE = 256  # tokens per page of the paged cache (transformers' ContinuousBatchingConfig default)
-
-
-@dataclass
-class Rollouts:
-    prompt_ids: torch.Tensor  # (B*G, P) left-padded, rows g*... grouped: rows i*G .. i*G+G-1 share prompt i
-    prompt_mask: torch.Tensor  # (B*G, P)
-    completion_ids: torch.Tensor  # (B*G, T) right-padded after the first EOS
-    completion_mask: torch.Tensor  # (B*G, T) 1 up to and including the first EOS
-    texts: list[str]  # (B*G,) decoded completions, special tokens dropped
-    group_size: int
-    seconds: float
-
-    @property
-    def input_ids(self) -> torch.Tensor:
-        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)  # (B*G, P + T)
-
-    @property
-    def attention_mask(self) -> torch.Tensor:
-        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
-
-    @property
-    def num_completion_tokens(self) -> int:
-        return int(self.completion_mask.sum())
 
 
 def completion_mask_from(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
@@ -122,12 +101,15 @@ def generate_rollouts(
     batch_size: int | None = None,
     cache: str = "dynamic",
     prefill_chunk_size: int | None = None,
+    shared_prompts: bool = True,
 ) -> Rollouts:
     """Sample `group_size` completions for each prompt with the model's active adapter.
 
     temperature 0 means greedy decoding (evaluation); training always samples. `cache` "static" is
     HF's static KV cache, compiled on CUDA (Config.generation_cache); it samples the same tokens.
     "paged" is transformers' continuous batching instead of `generate` (same greedy tokens).
+    `shared_prompts` (dynamic cache): each distinct prompt is prefilled once and its KV cache copied to
+    its rows (`_shared_prefill`); the same tokens as G prefills.
     """
     start = time.perf_counter()
     device = next(model.parameters()).device
@@ -154,18 +136,45 @@ def generate_rollouts(
             if prefill_chunk_size is not None:  # prompts enter the KV cache this many positions per forward
                 cache_options["prefill_chunk_size"] = prefill_chunk_size
             options = {**generation, **cache_options, "use_cache": True}
-            completions = _generate_by_length(model, prompt_ids, prompt_mask, options, batch_size, cache)
+            # Unsloth's own inference path and the static cache build their caches themselves
+            share = shared_prompts and cache == "dynamic"
+            share = share and getattr(model, "popo_lite_generation_mode", None) is None
+            shared = (group_size, prefill_chunk_size) if share else None
+            completions = _generate_by_length(
+                model, prompt_ids, prompt_mask, options, batch_size, cache, shared
+            )
     return assemble(prompt_ids, prompt_mask, [completions], tokenizer, stop_ids, group_size, start)
 
 
+def _shared_prefill(
+    model, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, group_size: int, chunk: int | None
+):
+    """A DynamicCache of every row's prompt but its last token, each distinct prompt prefilled once
+    (`chunk` positions per forward when given).
+
+    ids, mask: (n, P) the batch's left-padded prompts; rows: (n,) their rows in the step (row // G is the
+    prompt). `generate` then runs the last prompt token itself, as after any prefill of its own, and
+    decodes on: the same positions, logits and random draws as G separate prefills. None where the
+    model's cache cannot be shared (`prompt_prefix`) or a prompt is one token wide.
+    """
+    if ids.shape[1] < 2:
+        return None
+    prompts, inverse = torch.unique(rows // group_size, return_inverse=True)  # (U,), (n,)
+    first = torch.zeros(len(prompts), dtype=torch.long, device=ids.device)
+    first[inverse] = torch.arange(len(rows), device=ids.device)  # one row per prompt (all rows alike)
+    prefix = prompt_prefix(model, ids[first, :-1], mask[first, :-1], chunk)
+    return prefix.cache(inverse) if prefix is not None else None
+
+
 def _generate_by_length(
-    model, prompt_ids, prompt_mask, options: dict, batch_size: int | None, cache: str
+    model, prompt_ids, prompt_mask, options: dict, batch_size: int | None, cache: str, shared=None
 ) -> torch.Tensor:
     """Completion ids (B*G, T) from HF `generate`, `batch_size` rows per call, in the rows' order.
 
     Smaller batches are formed by prompt length (stable: a group's rows stay together), each cut to its
     longest prompt, so short prompts do not carry a long one's left padding through every decoding step.
-    Not with the static cache: one cache length, one compile.
+    Not with the static cache: one cache length, one compile. With `shared` = (group size, prefill
+    chunk), each batch's distinct prompts are prefilled once (`_shared_prefill`).
     """
     rows = prompt_ids.shape[0]
     step = min(batch_size or rows, rows)
@@ -175,9 +184,12 @@ def _generate_by_length(
         for first in range(0, rows, step):
             index = order[first : first + step].to(prompt_ids.device)
             width = int(prompt_mask[index].sum(1).max()) if cache == "dynamic" else prompt_ids.shape[1]
-            output = model.generate(
-                input_ids=prompt_ids[index, -width:], attention_mask=prompt_mask[index, -width:], **options
-            )
+            ids, mask = prompt_ids[index, -width:], prompt_mask[index, -width:]
+            prefilled = {}
+            if shared is not None:
+                prefix_cache = _shared_prefill(model, ids, mask, index, *shared)
+                prefilled = {"cache": prefix_cache} if prefix_cache is not None else {}
+            output = model.generate(input_ids=ids, attention_mask=mask, **options, **prefilled)
             pieces.append(output[:, width:])
     return pad_right(pieces, options["pad_token_id"])[torch.argsort(order).to(prompt_ids.device)]
 

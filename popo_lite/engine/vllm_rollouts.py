@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from popo_lite.config import Config, ConfigError
+from popo_lite.core.rollouts import Rollouts
 from popo_lite.core.siamese import POLICY
 from popo_lite.engine.model import resolve_device, resolve_dtype, resolve_model_source
-from popo_lite.engine.rollouts import Rollouts, assemble, encode_prompts, eos_ids
+from popo_lite.engine.rollouts import assemble, encode_prompts, eos_ids
 
 
 class VLLMRollouts:

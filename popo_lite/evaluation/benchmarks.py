@@ -29,8 +29,9 @@ import torch
 from tqdm import tqdm
 
 from popo_lite.core.rewards import score
+from popo_lite.core.rollouts import Rollouts
 from popo_lite.data.problems import BUNDLED, EVAL_BENCHMARKS, TEMPLATES, Problem, format_prompt, load_problems
-from popo_lite.engine.rollouts import Rollouts, eos_ids, generate_rollouts
+from popo_lite.engine.rollouts import eos_ids, generate_rollouts
 from popo_lite.evaluation.passk import summarise
 
 logger = logging.getLogger(__name__)

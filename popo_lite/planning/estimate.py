@@ -204,11 +204,14 @@ def forward_layer(shape: ModelShape, b: int, targets: tuple[str, ...]) -> int:
     return 4 * b * h + 2 * b * shape.head_width + mlp
 
 
-def generation_bytes(shape, b, targets, batch, prompt, chunk, new, static, sampling_copies, dequantised):
+def generation_bytes(
+    shape, b, targets, batch, prompt, chunk, new, static, sampling_copies, dequantised, group=1
+):
     """(moment, KV cache, other bytes) at the worse of prefill and the last decoding step.
 
     The prefill feeds `chunk` prompt positions per forward (Config.prefill_chunk_size; `prompt` when
-    whole), attending to up to `prompt` cached ones.
+    whole), attending to up to `prompt` cached ones. With shared prompts (`group` = G) it runs each
+    distinct prompt once, batch / G rows, and its cache is then copied to the batch's rows.
 
     The last step caches prompt + new - 1 positions (the last sampled token is never fed back); a static
     cache holds prompt + new from the start. sampling_copies: fp32 (batch, vocab) tensors of sampling;
@@ -217,29 +220,41 @@ def generation_bytes(shape, b, targets, batch, prompt, chunk, new, static, sampl
     per_position = 2 * shape.layers * shape.kv_heads * shape.head_width * b * batch  # K and V, all layers
     last_cache = per_position * (prompt + new - (0 if static else 1))
     layer = forward_layer(shape, b, targets)
-    masks = batch * chunk * prompt * (1 + b)  # boolean padding mask and SDPA's float copy
-    prefill = (last_cache if static else per_position * prompt, layer * batch * chunk + masks + dequantised)
+    rows = -(-batch // group)  # the prefill's rows
+    masks = rows * chunk * prompt * (1 + b)  # boolean padding mask and SDPA's float copy
+    cache = last_cache if static else per_position * prompt * (1 + rows / batch if group > 1 else 1)
+    prefill = (int(cache), layer * rows * chunk + masks + dequantised)
     grown = 0 if static else last_cache // (2 * shape.layers)  # torch.cat of the dynamic cache: one layer's K
     last = (last_cache, grown + layer * batch + dequantised + batch * shape.vocab * FP32 * sampling_copies)
     if sum(prefill) >= sum(last):
         chunks = f" in chunks of {chunk}" if chunk < prompt else ""
-        return f"prefill of {batch} x {prompt} prompt tokens{chunks}", *prefill
+        return f"prefill of {rows} x {prompt} prompt tokens{chunks}", *prefill
     return f"last decoding step, cache at {prompt + new} tokens x {batch}", *last
 
 
-def update_bytes(shape, b, targets, rank, n, length, new, checkpointed, copies, no_grad_targets, dequantised):
+def update_bytes(
+    shape, b, targets, rank, n, length, new, checkpointed, copies, no_grad_targets, dequantised, prompts=0
+):
     """(moment, activations, logits) at the worst moment of one micro-batch of n x length tokens.
 
     copies: fp32 copies of a log-prob chunk in its backward: log-softmax output, exp(log-probs) and three
     gradients with the entropy bonus; log-softmax output and two gradients without. no_grad_targets: the
     LoRA'd Linears of the no-grad pass (EMA adapter: all; GRPO's reference: none), None without it.
+    prompts: with shared prompts, the step's distinct prompts, run once with gradient and held for the
+    whole step; a micro-batch then runs its n x new completion tokens, attending to n x length keys (the
+    prompts' cached keys and values copied to its rows).
     """
-    tokens, h = n * length, shape.hidden
+    h, prompt = shape.hidden, length - new
+    queries = n * new if prompts else n * length
+    tokens = queries
     chunk = n * min(CHUNK, new) * shape.vocab * FP32  # (n, 128, V) fp32
     attention, mlp = layer_saved(shape, b, targets, rank, checkpointed)
-    mask = n * length * length * b  # SDPA's float copy of the padding mask, per layer
-    common = 2 * shape.head_width * b * tokens + n * length * length  # rope cos/sin, boolean mask
+    mask = queries * length * b  # SDPA's float copy of the padding mask, per layer
+    common = 2 * shape.head_width * b * tokens + queries * length  # rope cos/sin, boolean mask
     whole_layer = (attention + mlp) * tokens + mask
+    if prompts:  # the prompt forward's own graph, and each row's copy of its prompt's keys and values
+        kv = 2 * shape.kv_heads * shape.head_width * b
+        whole_layer += (attention + mlp) * prompts * prompt + prompts * prompt * prompt * b + kv * n * length
     stored = shape.layers * (b * h * tokens if checkpointed else whole_layer)
     below = shape.layers * b * h * tokens if checkpointed else (shape.layers - 1) * whole_layer
     head = (FP32 + 2 * b) * h * tokens  # final RMSNorm's fp32 input, its output, the output's gradient
@@ -249,7 +264,9 @@ def update_bytes(shape, b, targets, rank, n, length, new, checkpointed, copies, 
         "backward through one decoder layer": (common + below + layer, 0),
     }
     if no_grad_targets is not None:  # the EMA or reference forward, with the policy forward's graph alive
-        policy = common + stored + (FP32 + b) * h * tokens
+        # without checkpointing the log-prob chunk keeps its log-softmax output (and exp, for entropy)
+        kept = 0 if checkpointed else (2 if copies == 5 else 1) * chunk
+        policy = common + stored + (FP32 + b) * h * tokens + kept
         forward = (policy + forward_layer(shape, b, no_grad_targets) * tokens + mask + dequantised, 0)
         moments["no-grad EMA/reference forward"] = max(forward, (policy + b * h * tokens, 2 * chunk), key=sum)
     name = max(moments, key=lambda key: sum(moments[key]))
@@ -271,11 +288,31 @@ class MemoryPlan:
         return self.peak_bytes + reserve_gib * GIB <= gib * GIB
 
 
-def estimate(config: Config, model_config=None, processes: int = 1) -> MemoryPlan:
+def checkpointing_choice(
+    config: Config, memory_gib: float, model_config=None, processes: int = 1
+) -> tuple[bool, str]:
+    """`gradient_checkpointing: auto` made a decision: (checkpointing on?, the reason, one line).
+
+    Off where the plan without it (activations kept, prompts shared) fits `memory_gib` with the reserve
+    for the CUDA context: it then saves every forward's recomputation and computes the same numbers.
+    """
+    if config.gradient_checkpointing != "auto":
+        return bool(config.gradient_checkpointing), "set in the config"
+    from dataclasses import replace
+
+    plan = estimate(replace(config, gradient_checkpointing=False), model_config, processes, memory_gib)
+    peak = f"the planned peak without it, {plan.peak_bytes / GIB:.2f} GiB"
+    if plan.fits(memory_gib):
+        return False, f"off: {peak}, fits the {memory_gib:.1f} GiB of this device"
+    return True, f"on: {peak}, does not fit the {memory_gib:.1f} GiB of this device"
+
+
+def estimate(config: Config, model_config=None, processes: int = 1, gpu_gib: float = 24.0) -> MemoryPlan:
     """The memory plan of `config`; `model_config` (a transformers config or ModelShape) skips the lookup.
 
     processes: GPUs of an `accelerate launch` data-parallel run; each generates for its share of the
-    step's prompts, and everything else is per process as on one GPU.
+    step's prompts, and everything else is per process as on one GPU. gpu_gib: the card that
+    `gradient_checkpointing: auto` is decided for (`checkpointing_choice`).
     """
     check_split(config.prompts_per_step, processes)
     if isinstance(model_config, ModelShape):
@@ -298,14 +335,33 @@ def estimate(config: Config, model_config=None, processes: int = 1) -> MemoryPla
     static = config.generation_cache in ("static", "paged")
     sampling = 2 if config.temperature == 1.0 else 3
     chunk = min(config.prefill_chunk_size or prompt, prompt)
+    # shared prefill: the HF engine's dynamic cache (engine/rollouts.py)
+    share = config.shared_prompts and not static and config.generation_backend == "hf"
+    group = config.rollouts_per_prompt if share and config.model_loader == "hf" else 1
     generation, kv, generation_work = generation_bytes(
-        shape, b, targets, batch, prompt, chunk, new, static, sampling, dequantised
+        shape, b, targets, batch, prompt, chunk, new, static, sampling, dequantised, group
     )
     copies = 5 if popo and config.beta_entropy > 0 else 3  # entropy: exp(log-probs) and its gradient
     no_grad = (targets if popo else ()) if (config.alpha if popo else config.grpo_beta) > 0 else None
     checkpointed = config.gradient_checkpointing
+    if checkpointed == "auto":
+        checkpointed = checkpointing_choice(config, gpu_gib, shape, processes)[0]
+    # shared prompts in the update: one process, no LoRA dropout, no checkpointing (core/updates.py)
+    shared = config.shared_prompts and processes == 1 and config.lora_dropout == 0 and not checkpointed
+    prompts = -(-rollouts // config.rollouts_per_prompt) if shared else 0
     update, activations, logits = update_bytes(
-        shape, b, targets, config.lora_rank, n, length, new, checkpointed, copies, no_grad, dequantised
+        shape,
+        b,
+        targets,
+        config.lora_rank,
+        n,
+        length,
+        new,
+        checkpointed,
+        copies,
+        no_grad,
+        dequantised,
+        prompts,
     )
     if trainable * FP32 > activations + logits:  # AdamW's foreach step: one fp32 temporary per parameter
         update, activations, logits = "optimizer step", trainable * FP32, 0

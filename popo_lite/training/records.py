@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import torch
 
 from popo_lite.config import Config
+from popo_lite.core.rollouts import Rollouts
 from popo_lite.core.updates import Update
 from popo_lite.data.problems import Problem
-from popo_lite.engine.rollouts import Rollouts
 from popo_lite.evaluation.benchmarks import EvalSettings, evaluate_problems
 from popo_lite.training.checkpoint import checkpoint_name
 from popo_lite.training.run_paths import make_folder, open_file, write_text

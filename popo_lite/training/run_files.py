@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from popo_lite.config import Config, ConfigError
+from popo_lite.core.rollouts import Rollouts
 from popo_lite.data.problems import Problem
-from popo_lite.engine.rollouts import Rollouts
 from popo_lite.training.checkpoint import checkpoint_name, latest_checkpoint, save_checkpoint, shape_of
 from popo_lite.training.failures import TrainingError
 from popo_lite.training.job_slot import WRITER_LOCK
@@ -158,7 +158,11 @@ def write_step(session, result: StepResult, record: dict) -> None:
 
 def save_checkpoint_of(session) -> Path:
     """Checkpoint the session; a failed write (disk full) removes itself and leaves the last one valid."""
-    extra = {"sampler": session.sampler.state_dict(), "noise_generator": session.generator.get_state()}
+    extra = {
+        "sampler": session.sampler.state_dict(),
+        "noise_generator": session.generator.get_state(),
+        "shuffle_generator": session.shuffle_generator.get_state(),
+    }
     config, folder = session.config, session.run_dir / "checkpoints"
     try:
         return save_checkpoint(

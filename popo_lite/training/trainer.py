@@ -18,10 +18,10 @@ import torch
 
 from popo_lite.config import Config
 from popo_lite.core.rewards import score
+from popo_lite.core.rollouts import Rollouts
 from popo_lite.core.siamese import EMA, ema_update
 from popo_lite.core.updates import NonFiniteLoss, Update, grpo_update, kl_policy_ema, popo_update
 from popo_lite.data.problems import Problem, format_prompt
-from popo_lite.engine.rollouts import Rollouts
 from popo_lite.training.failures import TrainingError, out_of_memory_advice
 from popo_lite.training.records import PhaseTimer, StepResult, evaluate_during_training, step_record
 from popo_lite.training.run_files import write_step
@@ -67,13 +67,14 @@ def step(session: Session) -> dict:
     if config.algo == "popo" and config.kl_every and (session.step + 1) % config.kl_every == 0:
         with timer.phase("kl"):  # before the update: k3 is unbiased only on the measured policy's samples
             monitors["kl_policy_ema"] = kl_policy_ema(
-                session.model, rollouts, config.micro_batch_size, config.temperature
+                session.model, rollouts, config.micro_batch_size, config.temperature, config.shared_prompts
             )
     with timer.phase("update"), out_of_memory_advice(config, "update", last_checkpoint):
-        update, skipped = gradients(session, rollouts, rewards)
-        grad_norm, skipped = optimizer_step(session, skipped)
-        if skipped is None and config.algo == "popo":
-            ema_update(session.model, config.tau)
+        update, skipped = gradients(session, rollouts, rewards, timer)
+        with timer.phase("optimizer"):
+            grad_norm, skipped = optimizer_step(session, skipped)
+            if skipped is None and config.algo == "popo":
+                ema_update(session.model, config.tau)
     session.step += 1
     result = StepResult(
         batch, prompts, rollouts, rewards, answers, update, grad_norm, skipped, timer, monitors
@@ -121,8 +122,11 @@ def reward(rollouts: Rollouts, batch: list[Problem]) -> tuple[torch.Tensor, list
     return rewards, [extracted for _, extracted in scored]
 
 
-def gradients(session: Session, rollouts: Rollouts, rewards: torch.Tensor) -> tuple[Update, str | None]:
-    """Weights (POPO) or advantages (GRPO), the loss and its backward, accumulated over micro-batches.
+def gradients(
+    session: Session, rollouts: Rollouts, rewards: torch.Tensor, timer: PhaseTimer | None = None
+) -> tuple[Update, str | None]:
+    """Weights (POPO) or advantages (GRPO), the loss and its backward, accumulated over micro-batches;
+    `timer` gets the update's own phases (weights, loss, similarity or reference).
 
     Returns the update and, when a micro-batch's loss was NaN or infinite, why the step is skipped
     (its gradients are then dropped: nothing reaches the adapter, the EMA or a checkpoint).
@@ -138,10 +142,12 @@ def gradients(session: Session, rollouts: Rollouts, rewards: torch.Tensor) -> tu
                 config,
                 session.generator,
                 session.replicas,
+                timer,
+                session.shuffle_generator,
             )
         else:
             update = grpo_update(
-                session.model, rollouts, rewards, config, session.replicas, session.generator
+                session.model, rollouts, rewards, config, session.replicas, session.shuffle_generator, timer
             )
     except NonFiniteLoss as error:
         session.optimizer.zero_grad(set_to_none=True)
