@@ -5,6 +5,7 @@ Layout of `checkpoints/step-000010/`:
     ema/              the EMA (siamese) adapter, also a normal PEFT adapter (often the better model)
     predictor.pt      the predictor head (POPO)
     trainer_state.pt  optimizer, scheduler, RNG states, data position, step
+    shape.json        the config's LoRA rank and targets, algo and predictor width (what a resume must keep)
     COMPLETE          written last; a folder without it is ignored
 
 Only real `step-NNNNNN` folders with N at most the run's `steps` count (`run_paths.scan_checkpoints`):
@@ -179,14 +180,6 @@ def load_checkpoint(
     return apply_checkpoint(saved, model, predictor, optimizer, scheduler)
 
 
-def _planted(path: Path) -> bool:
-    try:
-        check_checkpoint_files(path.parent.parent, path.name)
-    except RunsError:
-        return True  # read_checkpoint refuses it, naming the file
-    return False
-
-
 class CheckpointMismatch(ValueError):
     """The newest checkpoint was trained with other shapes than the config asks for (rank, targets, ...)."""
 
@@ -250,7 +243,7 @@ def read_latest(
     found, refused = scan_checkpoints(run_dir, config.steps)
     for reason in refused:
         logger.warning("resume: skipped %s", reason)
-    if found and not _planted(found[0][1]) and (mismatches := shape_mismatches(found[0][1], config)):
+    if found and (mismatches := shape_mismatches(found[0][1], config)):
         raise CheckpointMismatch(f"{found[0][1].name} does not fit the config: {'; '.join(mismatches)}")
     for step, path in found:
         try:
