@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     if main_process and record:
         from popo_lite.training.summary import render_summary, run_summary
 
-        print(render_summary(run_summary(record["run_dir"])))
+        summary = run_summary(record["run_dir"])  # None when metrics.jsonl cannot be read back
+        print(render_summary(summary) if summary else f"run directory: {record['run_dir']}")
     elif main_process:
         print(f"nothing to do: the run already has {config.steps} steps")
     return 0
