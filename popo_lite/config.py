@@ -25,7 +25,7 @@ EMBEDDED_MODEL = "embedded"  # SmolLM2-135M-Instruct, shipped as a GGUF file ins
 REPORT_TO = ("tensorboard", "wandb")  # the sinks of `report_to` (popo_lite/training/reporting.py)
 # A run name is one plain folder name, the same rule the panel lists runs by (training/runs.py NAME).
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:(0|[1-9][0-9]?))?")  # N below 100: a slot name (job_slot.SLOT)
 MAX_NEW_TOKENS = 32_768  # generous bounds: beyond them a typo, not a run (README "Reliability")
 MAX_LORA_RANK = 1_024
 MAX_SEED = 2**32 - 1  # numpy's seed range
@@ -306,7 +306,9 @@ class Config:
                 f"'-' (not starting with '.' or '-', no '..'), got {self.run_name[:120]!r}"
             )
         if not DEVICE.fullmatch(self.device):
-            raise ConfigError(f"device: {self.device[:100]!r} is not one of auto, cpu, cuda, cuda:N, mps")
+            raise ConfigError(
+                f"device: {self.device[:100]!r} is not one of auto, cpu, cuda, cuda:N (N below 100), mps"
+            )
         for name, limit in (
             ("max_new_tokens", MAX_NEW_TOKENS),
             ("eval_max_new_tokens", MAX_NEW_TOKENS),

@@ -29,6 +29,14 @@ from popo_lite.evaluation.benchmarks import (  # noqa: F401 - the public evaluat
     load_benchmarks,
 )
 from popo_lite.evaluation.passk import markdown_table
+from popo_lite.training.run_paths import (
+    RunsError,
+    check_checkpoint_files,
+    file_path,
+    folder_path,
+    open_file,
+    write_text,
+)
 
 # ---- loading the model ------------------------------------------------------------------------------
 
@@ -52,12 +60,24 @@ def check_adapter(adapter: str | Path) -> Path:
 
 
 def run_config_of(adapter: Path) -> Config | None:
-    """The training config of the run an adapter came from (run/checkpoints/step-N/policy), if any."""
-    resolved = adapter.resolve()
-    if resolved.parent.parent.name != "checkpoints":
-        return None
-    path = resolved.parent.parent.parent / "config.yaml"
-    return load_config(path) if path.is_file() else None
+    """The training config of the run an adapter came from (run/checkpoints/step-N/policy), if any.
+
+    The run is the one the path names (a link to an adapter is followed to its run): a checkpoint
+    that leads out of its run, holds a link, or a config.yaml that is a link is an EvaluationError
+    (issue 26: the evaluator read another run's config and model through planted links)."""
+    path = Path(adapter).absolute()
+    if path.parent.parent.name != "checkpoints":
+        path = path.resolve()
+        if path.parent.parent.name != "checkpoints":
+            return None
+    run_dir, step, name = path.parents[2], path.parent.name, path.name
+    try:
+        folder_path(run_dir, "checkpoints", step, name)  # every folder on the way inside the run
+        check_checkpoint_files(run_dir, step)
+        config = file_path(run_dir, "config.yaml")
+    except RunsError as error:
+        raise EvaluationError(f"adapter {adapter}: {error}") from None
+    return load_config(config) if config is not None else None
 
 
 def load_model(config: Config, adapter: str | Path | None = None):
@@ -224,12 +244,12 @@ def _output_folder(output: str | None) -> Path:
 
 def _write_results(folder: Path, header: dict, results: dict[str, dict], settings: EvalSettings) -> str:
     """results.json and results.md with the benchmarks done so far (rewritten after each one)."""
-    (folder / "results.json").write_text(json.dumps({"settings": header, "benchmarks": results}, indent=2))
+    write_text(folder, "results.json", text=json.dumps({"settings": header, "benchmarks": results}, indent=2))
     title = f"{header['model']}" + (f" + adapter {header['adapter']}" if header["adapter"] else "")
     knobs = ", ".join(f"{key} {header[key]}" for key in ("n", "temperature", "top_p", "max_new_tokens"))
     table = markdown_table(results)
     text = f"# Evaluation of {title}\n\n{knobs}, prompt {settings.prompt_template}, seed {settings.seed}\n\n"
-    (folder / "results.md").write_text(text + table + "\n")
+    write_text(folder, "results.md", text=text + table + "\n")
     return table
 
 
@@ -280,14 +300,14 @@ def main(argv: list[str] | None = None) -> int:
             with context:
                 for name, result in iter_evaluate(model, tokenizer, benchmarks, settings, progress=True):
                     shown = f"{name} ({label})" if label else name
-                    with open(folder / "records.jsonl", "a") as handle:
+                    with open_file(folder, "records.jsonl", mode="a") as handle:
                         for record in result.pop("records"):
                             handle.write(json.dumps({**record, "evaluated": label or "model"}) + "\n")
                     results[shown] = result
                     _write_results(folder, header, results, settings)
         header["seconds"] = time.perf_counter() - started
         table = _write_results(folder, header, results, settings)
-    except (EvaluationError, ConfigError, ModelError, FileNotFoundError) as error:
+    except (EvaluationError, ConfigError, ModelError, RunsError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(table)

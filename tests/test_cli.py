@@ -85,7 +85,7 @@ def test_cli_options_override_yaml_with_typed_values(tmp_path):
             ["--steps", "7", "--qlora", "--learning_rate", "3e-5", "--run_name", "none"]
         )
     )
-    config = load_config(path, {k: v for k, v in args.items() if k not in ("config", "resume")})
+    config = load_config(path, {k: v for k, v in args.items() if k not in ("config", "resume", "restart")})
     assert (config.steps, config.algo, config.levels, config.qlora) == (7, "grpo", [3, 4], True)
     assert config.learning_rate == 3e-5 and config.run_name is None
 

@@ -136,6 +136,7 @@ def test_jobs_refuse_before_anything_is_started_or_written(place, monkeypatch):
     step = runs / "old" / "checkpoints" / "step-000001" / "ema"
     step.mkdir(parents=True)
     (step / "adapter_config.json").write_text("{}")
+    (step.parent / "COMPLETE").write_text("")  # a complete checkpoint: the only kind evaluated
     before = _files(runs)
 
     def no_process(*args, **kwargs):

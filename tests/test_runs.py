@@ -55,7 +55,7 @@ def sleeper_job(tmp_path):
     root = tmp_path / "runs"
     run_dir = _make_run(root, "busy")
     job = {"run": "busy", "kind": "training", "module": "popo_lite.train", "log": jobs.LOG_NAME}
-    pid = jobs._spawn(root, "cpu", job, SLEEPER, run_dir / jobs.LOG_NAME)
+    pid = jobs._spawn(root, "cpu", job, SLEEPER, run_dir)
     yield root, pid
     try:
         os.killpg(pid, signal.SIGKILL)
@@ -144,8 +144,8 @@ def test_job_runs_in_its_own_session_and_survives_its_launcher(tmp_path):
     log = root / "detached" / "x.log"
     launcher = (
         "from pathlib import Path; from popo_lite.panel import jobs; "
-        "job = {'run': 'detached', 'kind': 'training', 'module': 'popo_lite.train'}; "
-        f"print(jobs._spawn(Path({str(root)!r}), 'cpu', job, {SLEEPER!r}, Path({str(log)!r})))"
+        "job = {'run': 'detached', 'kind': 'training', 'module': 'popo_lite.train', 'log': 'x.log'}; "
+        f"print(jobs._spawn(Path({str(root)!r}), 'cpu', job, {SLEEPER!r}, Path({str(log.parent)!r})))"
     )
     env = {**os.environ, "PYTHONPATH": str(jobs.PROJECT_ROOT)}
     done = subprocess.run(

@@ -56,12 +56,16 @@ def resolve_checkpointing(config: Config) -> Config:
 def rollout_engine(config: Config, run_dir: Path, rank: int = 0) -> Callable[..., Rollouts]:
     """`generate_rollouts` with the config's batch size and cache, or the optional vLLM engine.
 
-    The vLLM engine writes the policy adapter it is handed under `run_dir/vllm_adapter/process-<rank>`.
+    The vLLM engine writes the policy adapter it is handed under `run_dir/vllm_adapter/process-<rank>`,
+    a folder made fresh here (a copy rewritten every step: whatever was planted there is removed,
+    links themselves, never their targets).
     """
     if config.generation_backend == "vllm":
         from popo_lite.engine.vllm_rollouts import VLLMRollouts
+        from popo_lite.training.run_paths import make_folder, remove
 
-        return VLLMRollouts(config, run_dir / "vllm_adapter" / f"process-{rank}")
+        remove(run_dir, "vllm_adapter", f"process-{rank}")
+        return VLLMRollouts(config, make_folder(run_dir, "vllm_adapter", f"process-{rank}"))
     return partial(
         generate_rollouts,
         batch_size=config.generation_batch_size,

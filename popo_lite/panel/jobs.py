@@ -8,13 +8,15 @@ Why it is shaped as it is:
 2. A new run is created here (config.yaml written) and started as `popo_lite.train --resume`: the
    trainer finds no checkpoint and starts at step 0, and the log lives in the run directory from its
    first byte (a plain start refuses a run directory that already holds a file).
-3. One job per GPU: each job holds its accelerator's lock (`training/job_slot.py`) while it lives;
+3. Every file of a run folder is opened through `training/run_paths.py` (never through a link, never
+   outside the run); a resume is refused here, before anything starts, when the run has a history but
+   no complete checkpoint (the trainer then checks that one loads and fits: `session.py`).
+4. One job per GPU: each job holds its accelerator's lock (`training/job_slot.py`) while it lives;
    `python -m popo_lite.train` takes the same lock, so a terminal run and a panel run never share a GPU.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from popo_lite.config import Config, ConfigError, load_config, parse_yaml_text
+from popo_lite.config import RUN_NAME, Config, ConfigError, load_config, parse_yaml_text
 from popo_lite.panel.paths import BrowserAccess
 from popo_lite.training.job_slot import (
     CHILDREN,
@@ -37,14 +39,27 @@ from popo_lite.training.job_slot import (
     claim,
     lock_path,
     slot_of,
+    write_lock,
+)
+from popo_lite.training.run_paths import (
+    check_checkpoint_files,
+    check_run_folder,
+    entries,
+    file_path,
+    folder_path,
+    locate,
+    make_folder,
+    open_file,
+    save_config,
+    scan_checkpoints,
 )
 from popo_lite.training.runs import (
     RunsError,
     check_name,
-    inside_folder,
+    list_checkpoints,
     read_config,
     read_jsonl,
-    resolve_inside,
+    read_run_text,
     run_path,
 )
 
@@ -68,12 +83,12 @@ def _config_values(config_text: str) -> dict:
         raise RunsError(str(error)) from None
 
 
-def _spawn(root: Path, slot: str, job: dict, command: list[str], log: Path) -> int:
-    """Start `command` detached, output to `log`, holding `slot` for as long as it lives."""
+def _spawn(root: Path, slot: str, job: dict, command: list[str], run_dir: Path) -> int:
+    """Start `command` detached, output to the run's `job["log"]`, holding `slot` for as long as it lives."""
     lock = claim(root, slot, {**job, "pid": None, "started": time.time()})
     try:
         env = {**_child_env(), "PYTHONUNBUFFERED": "1", PANEL_JOB_ENV: slot}
-        with open(log, "ab") as output:
+        with open_file(run_dir, job["log"], mode="ab") as output:
             child = subprocess.Popen(
                 command,
                 stdout=output,
@@ -86,7 +101,7 @@ def _spawn(root: Path, slot: str, job: dict, command: list[str], log: Path) -> i
         lock.unlink(missing_ok=True)
         raise
     CHILDREN[child.pid] = child
-    lock.write_text(json.dumps({**job, "pid": child.pid, "started": time.time()}))
+    write_lock(lock, {**job, "pid": child.pid, "started": time.time()})
     return child.pid
 
 
@@ -128,14 +143,19 @@ def launch_run(
 ) -> int:
     """Create run `name` from YAML text plus overrides (or resume it) and start training; returns the pid.
 
-    The config (a resumed run's config.yaml too) is held to the browser's path rule (paths.py) first."""
+    The config (a resumed run's config.yaml too) is held to the browser's path rule (paths.py) first.
+    A resumed run trains on with its own config.yaml, which the trainer rewrites only once its
+    checkpoint is checked: no overrides then."""
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     run_dir = run_path(root, name)
+    if resume and overrides:
+        raise RunsError("a resumed run keeps its own config.yaml: start a new run to change settings")
     if resume:
-        if not (run_dir / "config.yaml").is_file():
+        if not run_dir.is_dir() or file_path(run_dir, "config.yaml") is None:
             raise RunsError(f"no run {name!r} to resume")
-        values = {**read_config(run_dir), **(overrides or {})}
+        check_run_folder(run_dir)
+        values = read_config(run_dir, strict=True)
         values.pop("output_dir", None)  # where it was written from: the panel sets it below
     else:
         if run_dir.exists() and any(run_dir.iterdir()):
@@ -151,11 +171,28 @@ def launch_run(
     holder = active_job(root, slot)
     if holder is not None:  # checked before anything is written: a refused run leaves no folder behind
         raise RunsError(busy_message(slot, holder))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.save(run_dir / "config.yaml")
-    command = [sys.executable, "-m", "popo_lite.train", "--config", str(run_dir / "config.yaml"), "--resume"]
+    if resume:
+        check_resumable(run_dir, config.steps)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(run_dir, config)  # a resumed run's config.yaml is the trainer's to rewrite, once checked
+    command = [sys.executable, "-m", "popo_lite.train", "--config", str(locate(run_dir, "config.yaml")),
+               "--resume", "--output_dir", str(root), "--run_name", name]  # fmt: skip
     job = {"run": name, "kind": "training", "module": "popo_lite.train", "log": LOG_NAME}
-    return _spawn(root, slot, job, command, run_dir / LOG_NAME)
+    return _spawn(root, slot, job, command, run_dir)
+
+
+def check_resumable(run_dir: Path, steps: int) -> None:
+    """A RunsError, one line, when a run has a history (metrics.jsonl) but no complete checkpoint:
+    resuming would start it over. Which checkpoints were found and why each is refused is named."""
+    found, refused = scan_checkpoints(run_dir, steps)
+    metrics = file_path(run_dir, "metrics.jsonl")
+    if not found and (refused or (metrics is not None and metrics.stat().st_size > 0)):
+        listed = "; ".join(refused) if refused else "none (no checkpoints/ entry)"
+        raise RunsError(
+            f"run {run_dir.name!r} has a history but no complete checkpoint to resume from. Found: "
+            f"{listed}. Nothing was changed."
+        )
 
 
 def stop_run(root: str | Path, name: str, grace_s: float = 10.0) -> str:
@@ -176,8 +213,7 @@ def stop_run(root: str | Path, name: str, grace_s: float = 10.0) -> str:
     if alive(pid, job.get("module", "popo_lite.")):
         os.killpg(pid, signal.SIGKILL)
     lock_path(root, slot).unlink(missing_ok=True)
-    log = resolve_inside(root, name, *Path(job.get("log", LOG_NAME)).parts)
-    with open(log, "a") as handle:
+    with open_file(run_dir, str(job.get("log", LOG_NAME)), mode="a") as handle:
         handle.write(f"\n{STOPPED_LINE} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     return f"stopped {job.get('kind')} of run {name!r} (pid {pid})"
 
@@ -210,49 +246,56 @@ def launch_evaluation(
     run_dir = run_path(root, name)
     if adapter not in ("policy", "ema"):
         raise RunsError(f"adapter must be policy or ema, got {adapter!r}")
-    adapter_dir = resolve_inside(root, name, "checkpoints", check_name(checkpoint, "checkpoint"), adapter)
-    if not (adapter_dir / "adapter_config.json").is_file():
+    check_name(checkpoint, "checkpoint")
+    if checkpoint not in list_checkpoints(run_dir):  # a complete, real folder of this run
+        raise RunsError(f"{checkpoint} is not a complete checkpoint of run {name!r}")
+    check_checkpoint_files(run_dir, checkpoint)  # no link in it: the evaluator would follow it
+    if folder_path(run_dir, "checkpoints", checkpoint, adapter) is None or (
+        file_path(run_dir, "checkpoints", checkpoint, adapter, "adapter_config.json") is None
+    ):
         raise RunsError(f"{checkpoint} of run {name!r} has no {adapter} adapter")
+    adapter_dir = locate(run_dir, "checkpoints", checkpoint, adapter)
     names = [part.strip() for part in benchmarks.split(",") if part.strip()]
     if not names:
         raise RunsError("name at least one benchmark")
-    run_config = read_config(run_dir)
+    run_config = read_config(run_dir, strict=True)  # what the evaluator reads: a link is refused
     model = {key: run_config[key] for key in ("model", "gguf_file", "trust_remote_code") if key in run_config}
     (access or BrowserAccess()).check({**model, "eval_benchmarks": names}, root)
     if int(limit) < 1 or (max_new_tokens is not None and int(max_new_tokens) < 1):
         raise RunsError("the problem limit and max new tokens must be >= 1")
     folder = f"{checkpoint}-{adapter}-{time.strftime('%Y%m%d-%H%M%S')}"
-    output = resolve_inside(root, name, "evaluations", folder)
-    output.parent.mkdir(exist_ok=True)
+    make_folder(run_dir, "evaluations")
+    output = locate(run_dir, "evaluations", folder)
     command = [sys.executable, "-m", EVALUATE_MODULE, "--adapter", str(adapter_dir), "--limit",
                str(int(limit)), "--output", str(output), "--benchmarks=" + ",".join(names)]  # fmt: skip
     if max_new_tokens is not None:
         command += ["--max_new_tokens", str(int(max_new_tokens))]
-    device = read_config(run_dir).get("device", "auto")
+    device = run_config.get("device", "auto")
+    slot = slot_of(device)  # a device that is not one is refused here
     command += ["--device", str(device)]
-    log = f"evaluations/{folder}.log"
-    job = {"run": name, "kind": "evaluation", "module": EVALUATE_MODULE, "log": log}
-    _spawn(root, slot_of(device), job, command, run_dir / log)
+    job = {"run": name, "kind": "evaluation", "module": EVALUATE_MODULE, "log": f"evaluations/{folder}.log"}
+    _spawn(root, slot, job, command, run_dir)
     return folder
 
 
 def list_evaluations(run_dir: Path) -> list[str]:
     """Evaluations of a run, newest first (a folder, or only its log while the model loads)."""
-    folder = run_dir / "evaluations"
-    if not folder.is_dir():
+    try:
+        listed = entries(run_dir, "evaluations")  # a link or a file there: not listed
+    except RunsError:
         return []
-    names = {p.name[: -len(".log")] if p.suffix == ".log" else p.name for p in folder.iterdir()}
-    return sorted(names, reverse=True)
+    names = {p.name[: -len(".log")] if p.suffix == ".log" else p.name for p in listed}
+    return sorted((name for name in names if RUN_NAME.fullmatch(name)), reverse=True)
 
 
 def evaluation_result(root: str | Path, name: str, folder: str) -> tuple[str, str]:
     """(state, markdown): running, done, stopped or failed, with results.md so far (the evaluator rewrites
     it after each benchmark) and, unless done, the log's tail."""
     check_name(folder, "evaluation")
-    output = resolve_inside(root, name, "evaluations", folder)
-    table = (output / "results.md").read_text(errors="replace") if (output / "results.md").is_file() else ""
-    tail = _tail(resolve_inside(root, name, "evaluations", folder + ".log"), 2500)
-    job = active_job(root, slot_of(read_config(run_path(root, name)).get("device", "auto"))) or {}
+    run_dir = run_path(root, name)
+    table = read_run_text(run_dir, "evaluations", folder, "results.md") or ""  # never through a link
+    tail = _tail(run_dir, f"evaluations/{folder}.log", 2500)
+    job = active_job(root, slot_of(read_config(run_dir).get("device", "auto"))) or {}
     if job.get("kind") == "evaluation" and job.get("log") == f"evaluations/{folder}.log":
         state = "running"
     elif STOPPED_LINE in tail:
@@ -282,10 +325,8 @@ def progress(root: str | Path, name: str) -> Progress:
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     total = int(read_config(run_dir).get("steps") or 0)
     step = max((int(m.get("step", 0)) for m in metrics), default=0)
-    updated = max(
-        (p.stat().st_mtime for p in (run_dir / "metrics.jsonl", run_dir / LOG_NAME) if p.exists()),
-        default=None,
-    )
+    files = [_file_or_none(run_dir, file) for file in ("metrics.jsonl", LOG_NAME)]
+    updated = max((p.stat().st_mtime for p in files if p is not None), default=None)
     since = time.time() - updated if updated is not None else None
     job = active_job(root, slot_of(read_config(run_dir).get("device", "auto"))) or {}
     live = job.get("run") == name and job.get("kind") == "training"
@@ -294,16 +335,23 @@ def progress(root: str | Path, name: str) -> Progress:
     elif live:
         state = "running" if metrics else "starting"
     else:
-        state = _ended_state(run_dir / LOG_NAME)
+        state = _ended_state(run_dir)
     recent = [float(m["seconds_step"]) for m in metrics[-5:] if "seconds_step" in m]
     eta = (total - step) * sum(recent) / len(recent) if recent and state == "running" else None
     return Progress(name, step, total, state, eta, since)
 
 
-def _ended_state(log: Path) -> str:
-    if not log.is_file():
+def _file_or_none(run_dir: Path, name: str) -> Path | None:
+    try:
+        return file_path(run_dir, name)
+    except RunsError:
+        return None
+
+
+def _ended_state(run_dir: Path) -> str:
+    if _file_or_none(run_dir, LOG_NAME) is None:
         return "incomplete"  # e.g. a CLI run: still going or interrupted, nothing here tells which
-    tail = _tail(log, 4000)
+    tail = _tail(run_dir, LOG_NAME, 4000)
     if STOPPED_LINE in tail:
         return "stopped"
     if "Traceback" in tail or "error:" in tail:
@@ -312,15 +360,14 @@ def _ended_state(log: Path) -> str:
 
 
 def log_tail(root: str | Path, name: str, characters: int = 3000) -> str:
-    return _tail(run_path(root, name) / LOG_NAME, characters)
+    return _tail(run_path(root, name), LOG_NAME, characters)
 
 
-def _tail(path: Path, characters: int) -> str:
-    if not inside_folder(path):  # a log that is a symlink out of its run folder is not read
-        return ""
+def _tail(run_dir: Path, log: str, characters: int) -> str:
+    """The last `characters` bytes of a run's log; '' when it is missing, a link or not a file."""
     try:
-        with open(path, "rb") as handle:
-            handle.seek(max(0, path.stat().st_size - characters))
+        with open_file(run_dir, log, mode="rb") as handle:
+            handle.seek(max(0, os.fstat(handle.fileno()).st_size - characters))
             return handle.read().decode("utf-8", "replace")
-    except OSError:
+    except (OSError, RunsError):
         return ""

@@ -6,6 +6,10 @@ nothing has to be watching when a job ends. The web panel takes it for the jobs 
 (`panel/jobs.py`); `python -m popo_lite.train` takes it for its own pid (`holding_slot`), so a terminal
 run and a panel run never share a GPU.
 
+Slot names come from a closed set, `cpu` and `gpuN` (N below 100), computed from a device setting that
+must be one of auto, cpu, mps, cuda, cuda:N: text from a config never becomes part of a lock's path
+(issue 26). A lock file is opened without following a link.
+
 One writer per run directory, whatever the device spelling: the trainer's main process holds
 `<run>/.writer.lock` (flock, its pid inside) from `prepare` until training ends (`hold_run_directory`).
 """
@@ -14,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,7 +27,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from popo_lite.training.runs import RunsError
+from popo_lite.config import DEVICE
+from popo_lite.training.run_paths import NOFOLLOW, RunsError, locate
+
+SLOT = re.compile(r"cpu|gpu(0|[1-9][0-9]?)")  # every slot name there is
 
 PANEL_JOB_ENV = "POPO_LITE_PANEL_JOB"  # set in a panel job's environment: the panel holds its slot
 CHILDREN: dict[int, subprocess.Popen] = {}  # the panel's own children, polled so they never linger as zombies
@@ -29,15 +38,17 @@ CHILDREN: dict[int, subprocess.Popen] = {}  # the panel's own children, polled s
 
 def slot_of(device: str) -> str:
     """The accelerator a run's `device` setting occupies: 'cuda' means GPU 0, and so does 'auto' where
-    CUDA is available ('auto' is the CPU's slot elsewhere, as the trainer resolves it)."""
+    CUDA is available ('auto' is the CPU's slot elsewhere, as the trainer resolves it). A setting that
+    is not a device (a hand-edited config.yaml) is a RunsError, never part of a lock's name."""
+    device = str(device)
+    if not DEVICE.fullmatch(device):
+        raise RunsError(f"device {device[:100]!r} is not one of auto, cpu, mps, cuda, cuda:N (N below 100)")
     if device == "auto":
         import torch  # here: the panel reads slots without loading torch until it must
 
         return "gpu0" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        return "gpu0"
-    if str(device).startswith("cuda:"):
-        return "gpu" + str(device).split(":", 1)[1]
+    if device.startswith("cuda"):
+        return "gpu" + (device.split(":", 1)[1] if ":" in device else "0")
     return "cpu"
 
 
@@ -66,23 +77,49 @@ def alive(pid: int, module: str) -> bool:
 
 
 def lock_path(root: Path, slot: str) -> Path:
+    if not SLOT.fullmatch(str(slot)):
+        raise RunsError(f"no slot {str(slot)[:100]!r}: slots are cpu and gpu0 to gpu99")
     return Path(root) / f".active-{slot}.json"
+
+
+def write_lock(path: Path, job: dict) -> None:
+    """Rewrite a lock file this process created (never through a link)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_TRUNC | NOFOLLOW)
+    with os.fdopen(descriptor, "w") as handle:
+        json.dump(job, handle)
+
+
+def _read_lock(path: Path) -> dict | None:
+    """The job a lock file names ({"started": its age} while it is being written); None when there is
+    nothing at `path` or no lock file (a link, a folder: planted, never followed; `claim` names it)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | NOFOLLOW)
+    except OSError:  # missing, or a link
+        return None
+    try:
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
+            return None
+        try:
+            job = json.loads(os.read(descriptor, 65536))
+        except ValueError:
+            job = None
+    finally:
+        os.close(descriptor)
+    return job if isinstance(job, dict) else {"started": status.st_mtime}
 
 
 def active_job(root: str | Path, slot: str) -> dict | None:
     """The live job holding `slot` ({run, kind, pid, module, started}), clearing a stale lock."""
     path = lock_path(Path(root), slot)
-    try:
-        job = json.loads(path.read_text())
-    except FileNotFoundError:
+    job = _read_lock(path)
+    if job is None:
         return None
-    except (OSError, ValueError):
-        job = {"started": path.stat().st_mtime if path.exists() else 0}  # being written: judge by age
     pid = job.get("pid")
     starting = pid is None and time.time() - float(job.get("started", 0)) < 60
     if starting or (pid is not None and alive(int(pid), job.get("module", "popo_lite."))):
         return job
-    path.unlink(missing_ok=True)
+    path.unlink(missing_ok=True)  # a stale lock: the file itself (never followed)
     return None
 
 
@@ -98,8 +135,10 @@ def claim(root: Path, slot: str, job: dict) -> Path:
     path = lock_path(root, slot)
     for _ in range(2):  # the second try follows the clearing of a stale lock
         try:
-            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | NOFOLLOW, 0o644)
         except FileExistsError:
+            if path.is_symlink() or not path.is_file():
+                raise RunsError(f"{path} is not a lock file (a link or a folder): remove it") from None
             holder = active_job(root, slot)
             if holder is not None:
                 raise RunsError(busy_message(slot, holder)) from None
@@ -136,6 +175,7 @@ def active_jobs(root: str | Path) -> list[dict]:
     """Every live job started from the panel under `root`, each with its `slot`."""
     base = Path(root)
     slots = sorted(p.name[len(".active-") : -len(".json")] for p in base.glob(".active-*.json"))
+    slots = [slot for slot in slots if SLOT.fullmatch(slot)]
     return [{**job, "slot": slot} for slot in slots if (job := active_job(base, slot)) is not None]
 
 
@@ -172,7 +212,7 @@ def hold_run_directory(run_dir: Path, resume: bool) -> WriterLock:
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = (run_dir / WRITER_LOCK).resolve()
+    path = locate(run_dir, WRITER_LOCK)
     previous = _HELD.get(path)
     if previous is not None:  # taken over: the abandoned session's release is then a no-op
         lock = WriterLock(path, previous.descriptor)
@@ -191,7 +231,12 @@ def _flock(path: Path, run: str) -> int | None:
     except ImportError:  # not POSIX: no lock (the slot lock still keeps one run per accelerator)
         return None
     for _ in range(10):  # a retry follows a holder that removed the file while we opened it
-        descriptor = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_RDWR | NOFOLLOW, 0o644)
+        except OSError:
+            if path.is_symlink():
+                raise RunsError(f"{path} is a symbolic link, not a lock file: remove it") from None
+            raise
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -22,6 +22,7 @@ from popo_lite.core.updates import Update
 from popo_lite.data.problems import Problem
 from popo_lite.evaluation.benchmarks import EvalSettings, evaluate_problems
 from popo_lite.training.checkpoint import checkpoint_name
+from popo_lite.training.run_paths import make_folder, open_file, write_text
 
 
 class PhaseTimer:
@@ -98,11 +99,11 @@ def evaluate_during_training(session) -> dict[str, float]:
         name: evaluate_problems(session.model, session.tokenizer, problems, settings, name=name)
         for name, problems in session.eval_problems.items()
     }
-    folder = session.run_dir / "eval"
-    folder.mkdir(exist_ok=True)
+    run_dir, stem = session.run_dir, checkpoint_name(session.step)
+    make_folder(run_dir, "eval")
     summary = {name: {k: v for k, v in result.items() if k != "records"} for name, result in results.items()}
-    (folder / f"{checkpoint_name(session.step)}.json").write_text(json.dumps(summary, indent=1))
-    with open(folder / f"{checkpoint_name(session.step)}-records.jsonl", "w") as handle:
+    write_text(run_dir, "eval", f"{stem}.json", text=json.dumps(summary, indent=1))
+    with open_file(run_dir, "eval", f"{stem}-records.jsonl", mode="w") as handle:
         for result in results.values():
             handle.writelines(json.dumps(record) + "\n" for record in result["records"])
     return {f"eval_{name}": result["score"] for name, result in results.items()}

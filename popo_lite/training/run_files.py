@@ -6,12 +6,14 @@ and the CLI.
                         rollouts.jsonl     every rollout of every step
                         eval/              evaluation during training
                         checkpoints/       see checkpoint.py
+
+Every one of them is opened through `run_paths.py`: never through a symlink, never outside the run.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import os
 from datetime import datetime
 from pathlib import Path
 
@@ -20,45 +22,77 @@ import torch
 from popo_lite.config import Config, ConfigError
 from popo_lite.core.rollouts import Rollouts
 from popo_lite.data.problems import Problem
-from popo_lite.training.checkpoint import checkpoint_name, latest_checkpoint, save_checkpoint
+from popo_lite.training.checkpoint import checkpoint_name, latest_checkpoint, save_checkpoint, shape_of
 from popo_lite.training.failures import TrainingError
 from popo_lite.training.job_slot import WRITER_LOCK
 from popo_lite.training.records import StepResult, evaluate_during_training
+from popo_lite.training.run_paths import (
+    RunsError,
+    check_run_folder,
+    file_path,
+    locate,
+    make_folder,
+    open_file,
+    remove,
+)
+
+HISTORY = ("metrics.jsonl", "rollouts.jsonl", "checkpoints", "eval", "tensorboard")  # what --restart moves
 
 
-def run_directory(config: Config, resume: bool) -> Path:
-    """The run directory: must exist on resume, must not hold a run otherwise. Creates nothing."""
+def run_directory(config: Config, resume: bool, restart: bool = False) -> Path:
+    """The run directory: must exist on resume, must not hold a run otherwise (`restart`: may hold
+    one). Its known files must be regular files and its folders real ones, inside it. Creates nothing."""
     root = Path(config.output_dir)
-    if resume and config.run_name is None:
-        raise ConfigError("--resume needs --run_name: the name of the run to continue")
+    if (resume or restart) and config.run_name is None:
+        raise ConfigError(f"--{'resume' if resume else 'restart'} needs --run_name: the name of the run")
     name = config.run_name or f"{config.algo}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir = root / name
-    if resume:
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"--resume: no run to resume at {run_dir} (give --run_name of an existing run)")
-    elif run_dir.is_dir() and any(p.name != WRITER_LOCK for p in run_dir.iterdir()):
-        raise ConfigError(f"run directory {run_dir} already holds a run: use --resume or another --run_name")
-    elif run_dir.exists() and not run_dir.is_dir():
+    if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run directory {run_dir} is a file, not a folder: use another --run_name")
+    if resume and not restart and file_path(run_dir, "config.yaml") is None:
+        raise ConfigError(f"--resume: no run to resume at {run_dir} (give --run_name of an existing run)")
+    if not (resume or restart) and run_dir.is_dir() and any(p.name != WRITER_LOCK for p in run_dir.iterdir()):
+        raise ConfigError(f"run directory {run_dir} already holds a run: use --resume or another --run_name")
+    if run_dir.is_dir():
+        try:
+            check_run_folder(run_dir)
+        except RunsError as error:
+            raise ConfigError(f"{error}; nothing was changed") from None
     return run_dir
 
 
-def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Drop records after `last_step`, so a resumed run's logs match an uninterrupted run's."""
-    if not path.is_file():
+def restart_aside(run_dir: Path) -> Path | None:
+    """--restart: move the run's history (metrics, rollouts, checkpoints, evaluations) into
+    `<run>/restarted-<time>/`, so starting over loses nothing; returns that folder (None: no history)."""
+    present = [name for name in HISTORY if os.path.lexists(locate(run_dir, name))]
+    if not present:
+        return None
+    aside = make_folder(run_dir, f"restarted-{datetime.now():%Y%m%d-%H%M%S-%f}")
+    for name in present:
+        os.rename(locate(run_dir, name), aside / name)  # a rename moves a link itself, never its target
+    return aside
+
+
+def truncate_jsonl(run_dir: Path, name: str, last_step: int) -> None:
+    """Drop records of `run_dir/name` after `last_step`, so a resumed run's logs match an
+    uninterrupted run's."""
+    if file_path(run_dir, name) is None:
         return
     kept = []
-    for line in path.read_text().splitlines():
+    with open_file(run_dir, name) as handle:
+        lines = handle.read().splitlines()
+    for line in lines:
         try:
             if json.loads(line)["step"] <= last_step:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line torn by a kill mid-write
-    path.write_text("".join(line + "\n" for line in kept))
+    with open_file(run_dir, name, mode="w") as handle:
+        handle.write("".join(line + "\n" for line in kept))
 
 
 def write_rollouts(
-    path: Path,
+    run_dir: Path,
     step: int,
     tokenizer,
     batch: list[Problem],
@@ -72,7 +106,7 @@ def write_rollouts(
     """Append every rollout of the step; rows the update scored also get their tokens and log-probs."""
     group = rollouts.group_size
     flat_rewards, flat_weights = rewards.flatten().tolist(), weights.detach().cpu().flatten().tolist()
-    with open(path, "a") as handle:
+    with open_file(run_dir, "rollouts.jsonl", mode="a") as handle:
         for i, text in enumerate(rollouts.texts):
             problem = batch[i // group]
             row = {
@@ -102,7 +136,7 @@ def write_step(session, result: StepResult, record: dict) -> None:
         return
     if config.log_rollouts:  # the main process's own share of the rollouts
         write_rollouts(
-            run_dir / "rollouts.jsonl",
+            run_dir,
             step,
             session.tokenizer,
             result.batch,
@@ -115,7 +149,7 @@ def write_step(session, result: StepResult, record: dict) -> None:
         )
     if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
         record.update(evaluate_during_training(session))
-    with open(run_dir / "metrics.jsonl", "a") as handle:
+    with open_file(run_dir, "metrics.jsonl", mode="a") as handle:
         handle.write(json.dumps(record) + "\n")
     session.reporter.log(record)
     if step == config.steps or (config.save_every and step % config.save_every == 0):
@@ -129,7 +163,7 @@ def save_checkpoint_of(session) -> Path:
         "noise_generator": session.generator.get_state(),
         "shuffle_generator": session.shuffle_generator.get_state(),
     }
-    folder = session.run_dir / "checkpoints"
+    config, folder = session.config, session.run_dir / "checkpoints"
     try:
         return save_checkpoint(
             folder,
@@ -140,10 +174,16 @@ def save_checkpoint_of(session) -> Path:
             session.scheduler,
             extra,
             session.adapters,
+            shape_of(config),
         )
+    except RunsError as error:  # a link or a file planted where the checkpoint goes: not a disk problem
+        raise TrainingError(f"could not write the step {session.step} checkpoint: {error}") from None
     except OSError as error:
-        shutil.rmtree(folder / f"{checkpoint_name(session.step)}.partial", ignore_errors=True)
+        try:
+            remove(session.run_dir, "checkpoints", f"{checkpoint_name(session.step)}.partial")
+        except (OSError, RunsError):
+            pass
         raise TrainingError(
             f"could not write the step {session.step} checkpoint ({error}); the last complete checkpoint "
-            f"({latest_checkpoint(folder)}) is intact: free disk space and --resume"
+            f"({latest_checkpoint(folder, session.config.steps)}) is intact: free disk space and --resume"
         ) from None

@@ -5,8 +5,9 @@ checkpoints/), so runs started from the CLI show up too. Why it is shaped as it 
 
 1. Every path built from browser input goes through `resolve_inside(root, ...)`: a run name is one plain
    folder name, and the resolved path (symlinks followed) must stay under the runs root.
-2. Files inside a run folder are read only where they resolve inside it: a `train.log`,
-   `rollouts.jsonl` or `checkpoints` that is a symlink out of the run is treated as absent.
+2. Files inside a run folder are opened through `run_paths.py` only: a `train.log`, `rollouts.jsonl`,
+   `config.yaml` or `checkpoints` that is a symlink (or not a regular file) is treated as absent by the
+   views, and refused, by name, by anything that starts a job.
 3. The trainer appends whole lines; a reader may see a half-written last line, which waits for its
    newline. Files are indexed by byte span per step and grown incrementally: a long run's
    rollouts.jsonl (B x G lines a step) is too big to parse on every refresh.
@@ -23,14 +24,10 @@ from typing import Any
 
 from popo_lite.config import MAX_YAML_BYTES, parse_yaml_text
 from popo_lite.config import RUN_NAME as NAME  # the config refuses the run names the panel won't list
+from popo_lite.training.run_paths import RunsError, file_path, open_file, scan_checkpoints
 
-CHECKPOINT = re.compile(r"step-\d+")  # as training/checkpoint.py names them (not imported: it needs torch)
-MARKER = "COMPLETE"
+__all__ = ["RunsError"]  # defined in run_paths.py, imported from here by the panel
 FILTERS = ("all", "only positives", "only zero-positive groups")
-
-
-class RunsError(ValueError):
-    """A request about runs cannot be done; the message says why, fit to show in the panel."""
 
 
 # --- paths -----------------------------------------------------------------------------------------
@@ -57,57 +54,70 @@ def run_path(root: str | Path, name: str) -> Path:
 
 
 def list_runs(root: str | Path) -> list[str]:
-    """Run directories under `root` (those holding a config.yaml), most recently active first."""
+    """Run directories under `root` (those holding a config.yaml, a regular file), most recently active
+    first. A run whose other files are links is listed: what would start a job then says what is wrong."""
     base = Path(root)
     if not base.is_dir():
         return []
     runs = []
     for child in base.iterdir():
-        if NAME.fullmatch(child.name) and (child / "config.yaml").is_file():
-            try:
-                resolve_inside(base, child.name)  # a symlink out of the root is not a run of ours
-            except RunsError:
-                continue
-            latest = max(
-                (child / f).stat().st_mtime for f in ("config.yaml", "metrics.jsonl") if (child / f).exists()
-            )
-            runs.append((latest, child.name))
+        if not NAME.fullmatch(child.name):
+            continue
+        try:
+            resolve_inside(base, child.name)  # a symlink out of the root is not a run of ours
+            config = file_path(child, "config.yaml")
+        except RunsError:
+            continue
+        if config is not None:
+            times = [path.stat().st_mtime for path in (config, _regular(child, "metrics.jsonl")) if path]
+            runs.append((max(times), child.name))
     return [name for _, name in sorted(runs, reverse=True)]
 
 
-def read_config(run_dir: Path) -> dict[str, Any]:
+def _regular(run_dir: Path, name: str) -> Path | None:
+    try:
+        return file_path(run_dir, name)
+    except RunsError:
+        return None
+
+
+def read_config(run_dir: Path, strict: bool = False) -> dict[str, Any]:
     """A run's config.yaml as a mapping; {} when it is missing, not readable or not a config (parsed
-    as the CLI parses configs: bounded in size, no aliases)."""
-    path = run_dir / "config.yaml"
-    if not inside_folder(path):
-        return {}
+    as the CLI parses configs: bounded in size, no aliases). `strict`: a RunsError saying why instead,
+    for what starts a job (a linked config.yaml read as {} would hide what the job then reads)."""
     try:
-        with open(path, "rb") as handle:
-            return parse_yaml_text(handle.read(MAX_YAML_BYTES + 1).decode("utf-8"), str(path))
-    except (OSError, ValueError):  # ConfigError and UnicodeDecodeError are ValueErrors
+        text = read_run_text(run_dir, "config.yaml", limit=MAX_YAML_BYTES + 1, strict=strict)
+        if text is None:
+            if strict:
+                raise RunsError(f"run {Path(run_dir).name!r} has no config.yaml")
+            return {}
+        return parse_yaml_text(text, str(Path(run_dir) / "config.yaml"))
+    except ValueError as error:  # ConfigError and RunsError are ValueErrors
+        if strict:
+            raise RunsError(f"config.yaml of run {Path(run_dir).name!r}: {error}") from None
         return {}
 
 
-def inside_folder(path: Path) -> bool:
-    """Does `path` (symlinks followed) stay inside the folder it is listed in? A run's files must."""
+def read_run_text(run_dir: Path, *parts: str, limit: int | None = None, strict: bool = False) -> str | None:
+    """A run file's text (the first `limit` characters), None when it is missing, or a link, a folder or
+    outside the run (`strict`: a RunsError naming it then)."""
     try:
-        return Path(path).resolve().is_relative_to(Path(path).parent.resolve())
-    except (OSError, RuntimeError):  # a symlink loop
-        return False
+        if file_path(run_dir, *parts) is None:
+            return None
+        with open_file(run_dir, *parts) as handle:
+            return handle.read() if limit is None else handle.read(limit)
+    except (RunsError, OSError) as error:
+        if strict:
+            raise RunsError(str(error) if isinstance(error, RunsError) else f"{parts[-1]}: {error}") from None
+        return None
 
 
 def list_checkpoints(run_dir: Path) -> list[str]:
     """Complete checkpoints (the trainer writes COMPLETE last), newest first; never a `.partial` folder,
-    nor one reached through a symlink out of the run."""
-    folder = run_dir / "checkpoints"
-    if not inside_folder(folder):
-        return []
-    found = [
-        p.name
-        for p in folder.glob("step-*")
-        if CHECKPOINT.fullmatch(p.name) and inside_folder(p) and (p / MARKER).is_file()
-    ]
-    return sorted(found, reverse=True)
+    a link, nor a step beyond the run's `steps` (run_paths.scan_checkpoints)."""
+    steps = read_config(run_dir).get("steps")
+    found, _ = scan_checkpoints(run_dir, steps if isinstance(steps, int) else None)
+    return [path.name for _, path in found]
 
 
 # --- jsonl logs --------------------------------------------------------------------------------------
@@ -131,10 +141,10 @@ def _indexed(path: Path) -> _Index:
     """Index new complete lines of `path`; restart when the file shrank or was replaced (resume truncates)."""
     index = _INDEXES.setdefault(path, _Index())
     try:
-        if not inside_folder(path):  # a symlink out of the run folder: not read
+        if file_path(path.parent, path.name) is None:  # missing, or a link or not a file: not read
             raise FileNotFoundError(path)
         stat = path.stat()
-    except FileNotFoundError:
+    except (FileNotFoundError, RunsError):
         index.__init__()
         return index
     identity = (stat.st_dev, stat.st_ino)
@@ -143,7 +153,7 @@ def _indexed(path: Path) -> _Index:
         index.identity = identity
     if stat.st_size == index.offset:
         return index
-    with open(path, "rb") as handle:
+    with open_file(path.parent, path.name, mode="rb") as handle:
         handle.seek(index.offset)
         chunk = handle.read(stat.st_size - index.offset)
     end = chunk.rfind(b"\n") + 1  # a half-written last line waits for its newline
@@ -170,9 +180,12 @@ def _read_spans(path: Path, spans: list[tuple[int, int, int]]) -> list[dict]:
     if not spans:
         return []
     first, last = spans[0][1], spans[-1][2]
-    with open(path, "rb") as handle:
-        handle.seek(first)
-        data = handle.read(last - first)
+    try:
+        with open_file(path.parent, path.name, mode="rb") as handle:
+            handle.seek(first)
+            data = handle.read(last - first)
+    except (RunsError, OSError):  # replaced by a link since it was indexed
+        return []
     records = []
     for _, start, end in spans:
         try:

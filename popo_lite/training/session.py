@@ -1,5 +1,10 @@
 """A training run's state between steps: `prepare` builds it (data, run directory, model, optimizer,
 resume from the last checkpoint). The step itself is `trainer.step`; what a step writes, `run_files.py`.
+
+`--resume` is a promise (issue 26): it continues from the newest checkpoint that loads and fits the
+config's shapes, or stops with one line saying which checkpoints it found and why each was refused,
+before anything is written. It never starts a run with history over from step 0; `--restart` does,
+after moving the old history into `<run>/restarted-<time>/`.
 """
 
 from __future__ import annotations
@@ -20,13 +25,15 @@ from popo_lite.core.siamese import EMA, POLICY, Predictor, ema_reset
 from popo_lite.data.problems import Problem, format_prompt, training_problems
 from popo_lite.engine.choose import load_policy, rollout_engine
 from popo_lite.evaluation.benchmarks import load_benchmarks
-from popo_lite.training.checkpoint import CheckpointUnreadable, latest_checkpoint, load_latest
+from popo_lite.training.checkpoint import CheckpointMismatch, apply_checkpoint, latest_checkpoint, read_latest
 from popo_lite.training.distributed import Replicas
 from popo_lite.training.distributed import start as start_replicas
 from popo_lite.training.failures import TrainingError
 from popo_lite.training.job_slot import WriterLock, hold_run_directory
 from popo_lite.training.reporting import Reporter, check_reporters
-from popo_lite.training.run_files import run_directory, truncate_jsonl
+from popo_lite.training.run_files import restart_aside, run_directory, truncate_jsonl
+from popo_lite.training.run_paths import file_path, make_folder, save_config
+from popo_lite.training.runs import read_jsonl
 
 
 class PromptSampler:
@@ -116,7 +123,7 @@ class Session:
         return self.replicas is None or self.replicas.is_main
 
     def last_checkpoint(self) -> Path | None:
-        return latest_checkpoint(self.run_dir / "checkpoints")
+        return latest_checkpoint(self.run_dir / "checkpoints", self.config.steps)
 
 
 def _load_data(config: Config) -> tuple[list[Problem], dict[str, list[Problem]]]:
@@ -147,8 +154,9 @@ def _hold(run_dir: Path, resume: bool) -> WriterLock:
         raise ConfigError(f"output_dir: cannot write the run directory {run_dir} ({reason})") from None
 
 
-def prepare(config: Config, resume: bool = False) -> Session:
-    """Check the data, create the run directory, load the model, restore the last checkpoint on resume.
+def prepare(config: Config, resume: bool = False, restart: bool = False) -> Session:
+    """Check the data, create the run directory, load the model, restore the last checkpoint on resume
+    (`restart`: start a run folder's run over from step 0, its old history moved aside).
 
     The main process holds the run directory's writer lock from here until `run` ends (released here
     when preparing fails; a run folder this call created and left empty is removed again)."""
@@ -159,10 +167,10 @@ def prepare(config: Config, resume: bool = False) -> Session:
     writer: list[WriterLock] = []
 
     def claim() -> Path:
-        run_dir = run_directory(config, resume)
+        run_dir = run_directory(config, resume, restart)
         if not run_dir.exists():
             created.append(run_dir)
-        writer.append(_hold(run_dir, resume))
+        writer.append(_hold(run_dir, resume or restart))
         return run_dir
 
     if replicas is None:
@@ -170,7 +178,7 @@ def prepare(config: Config, resume: bool = False) -> Session:
     else:  # one name for all processes (a default name carries the main process's clock)
         run_dir = replicas.main_first(claim)
     try:
-        session = _prepare_in(config, resume, run_dir, problems, eval_problems, replicas)
+        session = _prepare_in(config, resume, restart, run_dir, problems, eval_problems, replicas)
     except BaseException:
         for lock in writer:
             lock.release()
@@ -184,23 +192,58 @@ def prepare(config: Config, resume: bool = False) -> Session:
     return session
 
 
+def _resume_point(config: Config, run_dir: Path, adapters: tuple[str, ...]) -> tuple[Path, dict] | None:
+    """The checkpoint to resume from, read and checked before the model loads or anything is written:
+    None for a run with no history yet; a TrainingError, one line, when its history has no checkpoint
+    that loads and fits the config (nothing is changed then)."""
+    logged = max((int(r.get("step", 0)) for r in read_jsonl(run_dir / "metrics.jsonl")), default=0)
+    if logged > config.steps:  # its checkpoints past `steps` would be skipped and its logs cut to them
+        raise TrainingError(
+            f"--resume: run {run_dir.name!r} already logged {logged} steps, more than steps={config.steps}; "
+            f"nothing was changed: give --steps {logged} or more"
+        )
+    try:
+        path, saved, refused = read_latest(run_dir, config, adapters)
+    except CheckpointMismatch as error:
+        raise TrainingError(
+            f"--resume: {error}; nothing was changed (config.yaml included): resume with the checkpoint's "
+            "values, or --restart (or another --run_name) to train with the new ones"
+        ) from None
+    if path is not None:
+        return path, saved
+    metrics = file_path(run_dir, "metrics.jsonl")
+    if refused or (metrics is not None and metrics.stat().st_size > 0):
+        found = "; ".join(refused) if refused else "none (no checkpoints/ entry)"
+        raise TrainingError(
+            f"--resume: run {run_dir.name!r} has a history but no checkpoint that loads. Found: {found}. "
+            "Nothing was changed: --restart (train(config, restart=True)) starts it over from step 0, "
+            "the old history moved aside"
+        )
+    return None
+
+
 def _prepare_in(
     config: Config,
     resume: bool,
+    restart: bool,
     run_dir: Path,
     problems: list[Problem],
     eval_problems: dict[str, list[Problem]],
     replicas: Replicas | None,
 ) -> Session:
+    is_main = replicas is None or replicas.is_main
+    adapters = (POLICY, EMA) if config.algo == "popo" else (POLICY,)
+    resumed = _resume_point(config, run_dir, adapters) if resume and not restart else None
     seed_everything(config.seed)
     model, tokenizer, device = load_policy(
         replace(config, device=str(replicas.device)) if replicas else config,
         check_tokenizer=lambda tok: format_prompt(problems[0].problem, config.prompt_template, tok),
     )
-    is_main = replicas is None or replicas.is_main
-    if is_main:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)  # only once the model has loaded
-        config.save(run_dir / "config.yaml")
+    if is_main:  # only once the model has loaded and the checkpoint was checked
+        if restart:
+            restart_aside(run_dir)
+        make_folder(run_dir, "checkpoints")
+        save_config(run_dir, config)
     predictor = None
     if config.algo == "popo":
         # Its initialisation draws from a fork of the global generator, so every arm of one seed (GRPO
@@ -234,16 +277,8 @@ def _prepare_in(
         reporter=None,
         replicas=replicas,
     )
-    loaded = None
-    if resume:
-        try:  # the newest checkpoint that loads; a damaged newer one is skipped with a warning
-            loaded = load_latest(
-                run_dir / "checkpoints", model, predictor, optimizer, session.scheduler, session.adapters
-            )
-        except CheckpointUnreadable as error:
-            raise TrainingError(f"--resume: {error}") from None
-    if loaded is not None:
-        _, state = loaded
+    if resumed is not None:
+        state = apply_checkpoint(resumed[1], model, predictor, optimizer, session.scheduler)
         session.step = state["step"]
         session.sampler.load_state_dict(state["sampler"])
         session.generator.set_state(state["noise_generator"])
@@ -251,6 +286,6 @@ def _prepare_in(
             session.shuffle_generator.set_state(state["shuffle_generator"])
     if is_main:
         for name in ("metrics.jsonl", "rollouts.jsonl"):
-            truncate_jsonl(run_dir / name, session.step)
+            truncate_jsonl(run_dir, name, session.step)
         session.reporter = Reporter(config, run_dir, first_step=session.step)
     return session

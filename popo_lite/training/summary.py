@@ -10,17 +10,18 @@ import json
 import shlex
 from pathlib import Path
 
-from popo_lite.training.runs import read_jsonl
+from popo_lite.training.run_paths import CHECKPOINT, RunsError, entries, scan_checkpoints
+from popo_lite.training.runs import read_jsonl, read_run_text
 
 LAST = 3  # steps averaged for "reward over the last steps": one step's reward is noisy
 
 
 def _eval_scores(path: Path) -> dict[str, float]:
     try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError):
+        results = json.loads(read_run_text(path.parent.parent, "eval", path.name) or "{}")
+        return {name: float(result["score"]) for name, result in results.items() if "score" in result}
+    except (AttributeError, TypeError, ValueError):  # not what the trainer writes
         return {}
-    return {name: float(result["score"]) for name, result in results.items() if "score" in result}
 
 
 def run_summary(run_dir: str | Path) -> dict | None:
@@ -30,10 +31,15 @@ def run_summary(run_dir: str | Path) -> dict | None:
     if not records:
         return None
     rewards = [float(r["reward_mean"]) for r in records]
-    evaluations = sorted((run_dir / "eval").glob("step-[0-9][0-9][0-9][0-9][0-9][0-9].json"))
+    try:
+        evaluations = [
+            p for p in entries(run_dir, "eval") if CHECKPOINT.fullmatch(p.stem) and p.suffix == ".json"
+        ]
+    except RunsError:  # eval/ is a link or a file: not read
+        evaluations = []
     before = _eval_scores(evaluations[0]) if evaluations and evaluations[0].stem == "step-000000" else {}
     after = _eval_scores(evaluations[-1]) if evaluations and evaluations[-1].stem != "step-000000" else {}
-    checkpoints = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / "COMPLETE").is_file())
+    checkpoints = scan_checkpoints(run_dir, None)[0]  # newest first
     seconds = [float(r["seconds_step"]) for r in records if "seconds_step" in r]
     return {
         "run_dir": str(run_dir),
@@ -46,7 +52,7 @@ def run_summary(run_dir: str | Path) -> dict | None:
         "heldout_before": before,
         "heldout_after": after,
         "seconds_per_step": sum(seconds) / len(seconds) if seconds else None,
-        "checkpoint": str(checkpoints[-1]) if checkpoints else None,
+        "checkpoint": str(checkpoints[0][1]) if checkpoints else None,
     }
 
 

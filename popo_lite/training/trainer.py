@@ -28,9 +28,10 @@ from popo_lite.training.run_files import write_step
 from popo_lite.training.session import Session, prepare
 
 
-def train(config: Config, resume: bool = False) -> Iterator[dict]:
-    """Train the LoRA policy with POPO or GRPO; yield one record per optimizer step."""
-    yield from run(prepare(config, resume))
+def train(config: Config, resume: bool = False, restart: bool = False) -> Iterator[dict]:
+    """Train the LoRA policy with POPO or GRPO; yield one record per optimizer step (`resume`: from the
+    run's last checkpoint; `restart`: the run started over, its old history moved aside)."""
+    yield from run(prepare(config, resume, restart))
 
 
 def run(session: Session) -> Iterator[dict]:
