@@ -29,7 +29,7 @@ BROWSER_ARGS = [
 ]  # fmt: skip
 RUN = "ui-popo"
 # max_new_tokens 1: a one-digit answer, right about 1 time in 13 for the random tiny model; with 96
-# rollouts over 3 steps (seed 0) the run has positives to find.
+# rollouts over 3 steps (seed 2: positives at every step) the run has positives to find.
 TINY_CONFIG = """\
 model: {model}
 dataset: {dataset}
@@ -49,7 +49,7 @@ predictor_dim: 16
 kl_every: 1
 lora_rank: 4
 lora_alpha: 8
-seed: 0
+seed: 2
 """
 
 

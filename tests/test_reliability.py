@@ -44,7 +44,7 @@ def test_nan_loss_skips_the_step_and_never_reaches_adapter_ema_or_checkpoint(tin
         return loss * float("nan"), metrics
 
     monkeypatch.setattr(updates_module, "popo_loss", poisoned)
-    session = prepare(tiny_config(steps=1, rollouts_per_prompt=8, seed=2))  # step 1 has positives
+    session = prepare(tiny_config(steps=1, rollouts_per_prompt=8, seed=0))  # step 1 has positives
     before = _snapshot(session.model)
     records = list(run(session))
     trained = [r for r in records if r["positive_rate"] > 0]

@@ -17,7 +17,7 @@ from popo_lite.training.trainer import train
 def test_tensorboard_events_hold_each_numeric_field_of_the_step_record(tiny_config):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    records = list(train(tiny_config(steps=1, report_to=["tensorboard"])))
+    records = list(train(tiny_config(steps=1, seed=2, report_to=["tensorboard"])))  # step 1 has positives
     folder = records[0]["run_dir"] + "/tensorboard"
     events = EventAccumulator(folder)
     events.Reload()
