@@ -44,25 +44,32 @@ def save_results(path: Path, results: dict) -> None:
     os.replace(partial, path)
 
 
-def find_run(results: dict, arm: str, seed: int | None) -> dict | None:
-    return next((r for r in results["runs"] if r["arm"] == arm and r["seed"] == seed), None)
+def cell_key(run: dict) -> tuple:
+    """A cell: (arm, learning rate, seed); the 8-step study's runs store no rate (None)."""
+    return run["arm"], run.get("learning_rate"), run["seed"]
+
+
+def find_run(results: dict, arm: str, seed: int | None, learning_rate: float | None = None) -> dict | None:
+    return next((r for r in results["runs"] if cell_key(r) == (arm, learning_rate, seed)), None)
 
 
 def add_run(path: Path, results: dict, run_result: dict, order: list[str]) -> None:
-    """Adds a finished run to the JSON as it is on disk now, under a lock: two study processes given
-    disjoint (arm, seed) subsets (one torch thread each) can share one results file. Runs are kept
-    sorted by arm (in `order`, the study's arm list) and seed."""
+    """Adds a finished cell to the JSON as it is on disk now, under a lock: two study processes given
+    disjoint cells (one torch thread each) can share one results file. Cells are kept sorted by arm
+    (in `order`, the study's arm list), learning rate and seed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / (path.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         on_disk = load_results(path)["runs"]
-        key = (run_result["arm"], run_result["seed"])
-        mine = {(r["arm"], r["seed"]) for r in results["runs"]}
-        results["runs"] = [r for r in results["runs"] if (r["arm"], r["seed"]) != key]
-        results["runs"] += [r for r in on_disk if (r["arm"], r["seed"]) not in mine | {key}]
+        key = cell_key(run_result)
+        mine = {cell_key(r) for r in results["runs"]}
+        results["runs"] = [r for r in results["runs"] if cell_key(r) != key]
+        results["runs"] += [r for r in on_disk if cell_key(r) not in mine | {key}]
         results["runs"].append(run_result)
         rank = {arm: i for i, arm in enumerate(order)}
-        results["runs"].sort(key=lambda r: (rank.get(r["arm"], len(rank)), r["seed"] or 0))
+        results["runs"].sort(
+            key=lambda r: (rank.get(r["arm"], len(rank)), r.get("learning_rate") or 0, r["seed"] or 0)
+        )
         save_results(path, results)
 
 
@@ -242,6 +249,10 @@ def ema_table(results: dict, arms: list[str]) -> list[str]:
 
 def base_verdict(base: dict) -> str:
     greedy = base["greedy"]["pass@1"]
+    if "passk" not in base:  # the sweep samples none
+        return (
+            f"The base model's greedy pass@1 is {100 * greedy:.1f} % ({base['greedy']['problems']} problems)."
+        )
     top = max(int(key[5:]) for key in base["passk"] if key.startswith("pass@"))
     sampled = base["passk"][f"pass@{top}"]
     in_range = 0.05 <= greedy <= 0.30
