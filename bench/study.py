@@ -115,6 +115,7 @@ from bench.study_arms import (  # noqa: E402
     unavailable,
 )
 from bench.study_results import (  # noqa: E402
+    add_grid,
     add_run,
     base_verdict,
     find_run,
@@ -295,7 +296,7 @@ def cell_rates(args: argparse.Namespace, arms: list[str]) -> dict[str, list[floa
     if args.mode == "sweep":
         return {arm: list(args.rates or SWEEP_RATES) for arm in arms}
     sweep = load_results(Path(args.sweep_results))
-    rates, seeds = sweep_grid(sweep["runs"])
+    rates, seeds = sweep_grid(sweep)
     chosen = chosen_rates(sweep["runs"], ["grpo", "popo", "psr"], rates, seeds)
     wanted = {arm: (arm if args.mode == "confirm" else "popo") for arm in arms}
     missing = sorted({source for source in wanted.values() if chosen.get(source) is None})
@@ -345,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         except StudyError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
+        if args.mode == "sweep":  # the planned grid: what "complete" means for the rule, whatever lane
+            add_grid(path, results, list(args.rates or SWEEP_RATES), sorted({*seeds, *mode.seeds}))
         cells = [(arm, rate, seed) for seed in seeds for arm in arms if arm != "base" for rate in rates[arm]]
         todo = [("base", None, None), *cells]
         done = [cell for cell in todo if find_run(results, cell[0], cell[2], cell[1]) is not None]

@@ -66,10 +66,33 @@ def add_run(path: Path, results: dict, run_result: dict, order: list[str]) -> No
         results["runs"] = [r for r in results["runs"] if cell_key(r) != key]
         results["runs"] += [r for r in on_disk if cell_key(r) not in mine | {key}]
         results["runs"].append(run_result)
+        _union_grid(results, load_results(path).get("grid"))
         rank = {arm: i for i, arm in enumerate(order)}
         results["runs"].sort(
             key=lambda r: (rank.get(r["arm"], len(rank)), r.get("learning_rate") or 0, r["seed"] or 0)
         )
+        save_results(path, results)
+
+
+def _union_grid(results: dict, other: dict | None) -> None:
+    if other:
+        grid = results.setdefault("grid", {"rates": [], "seeds": []})
+        for key in ("rates", "seeds"):
+            grid[key] = sorted(set(grid[key]) | set(other.get(key, [])))
+
+
+def add_grid(path: Path, results: dict, rates: list[float], seeds: list[int]) -> None:
+    """Adds a sweep invocation's rates and seeds to the file's grid (the cells the selection rule
+    waits for), under the same lock as add_run: lanes with other seeds add theirs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / (path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        on_disk = load_results(path)
+        _union_grid(results, {"rates": rates, "seeds": seeds})
+        _union_grid(results, on_disk.get("grid"))
+        results["runs"] += [
+            r for r in on_disk["runs"] if cell_key(r) not in {cell_key(m) for m in results["runs"]}
+        ]
         save_results(path, results)
 
 

@@ -89,11 +89,16 @@ def chosen_rates(
     return {arm: choose_rate(sweep_means(cells, arm, rates, seeds)) for arm in arms}
 
 
-def sweep_grid(cells: list[dict]) -> tuple[list[float], list[int]]:
-    """The rates and seeds a sweep's cells were run at, sorted."""
-    rates = sorted({c["learning_rate"] for c in cells if c.get("learning_rate") is not None})
-    seeds = sorted({c["seed"] for c in cells if c["seed"] is not None})
-    return rates, seeds
+def sweep_grid(results: dict) -> tuple[list[float], list[int]]:
+    """The sweep's rates and seeds, sorted: the grid its invocations asked for (results["grid"], kept by
+    bench/study_results.add_grid) and any rate or seed a stored cell has."""
+    grid = results.get("grid", {})
+    cells = [c for c in results["runs"] if c["arm"] != "base"]
+    rates = set(grid.get("rates", [])) | {
+        c["learning_rate"] for c in cells if c.get("learning_rate") is not None
+    }
+    seeds = set(grid.get("seeds", [])) | {c["seed"] for c in cells if c["seed"] is not None}
+    return sorted(rates), sorted(seeds)
 
 
 def paired_difference(first: dict[int, float], second: dict[int, float]) -> dict | None:

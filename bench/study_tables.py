@@ -56,8 +56,8 @@ def _trained(results: dict, arm: str, rate: float | None = None) -> list[dict]:
 
 
 def _settings(results: dict) -> list[str]:
-    run = next((r for r in results["runs"] if r["arm"] != "base"), None)
-    base = next((r for r in results["runs"] if r["arm"] == "base"), None)
+    run = next((r for r in results["runs"] if r["arm"] != "base" and "config" in r), None)
+    base = next((r for r in results["runs"] if r["arm"] == "base" and "config" in r), None)
     lines = []
     if base is not None:
         c, part = base["config"], base["signature"].get("heldout_part", "first")
@@ -74,7 +74,7 @@ def _settings(results: dict) -> list[str]:
             f"LoRA r {c['lora_rank']}; "
             f"POPO's tau = 0.5 ** (2 / {c['steps']}) = {0.5 ** (2 / c['steps']):.4f} (the EMA's half-life is "
             "half the run); greedy pass@1 every "
-            f"{run['signature'].get('eval_every')} steps."
+            f"{run.get('signature', {}).get('eval_every', '?')} steps."
         )
     return lines
 
@@ -89,8 +89,8 @@ def _wall(runs: list[dict]) -> str:
 
 def sweep_markdown(results: dict) -> str:
     cells = [r for r in results["runs"] if r["arm"] != "base"]
-    rates, seeds = sweep_grid(cells)
-    rates = sorted(set(rates) | set(SWEEP_RATES))
+    rates, seeds = sweep_grid(results)
+    rates = rates or list(SWEEP_RATES)  # before any invocation: the sweep as planned
     seeds = seeds or [0, 1]
     chosen = chosen_rates(cells, list(METHODS), rates, seeds)
     lines = [
@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep.setdefault("mode", "sweep")
     if args.chosen:
         cells = [r for r in sweep["runs"] if r["arm"] != "base"]
-        rates, seeds = sweep_grid(cells)
+        rates, seeds = sweep_grid(sweep)
         for arm, rate in chosen_rates(cells, list(METHODS), rates, seeds).items():
             print(f"{arm}: {rate:g}" if rate is not None else f"{arm}: not chosen (sweep incomplete)")
         return 0
