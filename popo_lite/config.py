@@ -168,6 +168,13 @@ class Config:
         "POPO: micro-batches hold positive rollouts only, each group's together, so the gradient work scales "
         "with the positives. Needs entropy_over: positives or beta_entropy: 0.",
     )
+    nll_normalization: str = _f(
+        "micro_batch",
+        "POPO: what the weighted NLL divides by: each micro-batch's positive tokens (the reference), or the "
+        "step's positive tokens (step: every positive token counts alike, however the rows were split; per "
+        "process under accelerate).",
+        ("micro_batch", "step"),
+    )
     shuffle_micro_batches: bool = _f(
         True,
         "Shuffle the step's rollouts (seeded) before splitting them into micro-batches, as the reference "

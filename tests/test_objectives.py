@@ -99,6 +99,14 @@ def test_weighted_nll_matches_hand_value_and_ignores_padding_and_negatives():
     assert torch.isfinite(logp.grad).all()
 
 
+def test_weighted_nll_divides_by_a_given_token_count_instead_of_its_own():
+    logp = t([[-1.0, -2.0, -9.0], [-0.5, -4.0, -9.0]])
+    mask = t([[1, 1, 0], [1, 0, 0]])
+    loss, metrics = weighted_nll(logp, mask, t([0.6, 0.4]), torch.tensor([True, True]), token_count=10.0)
+    assert loss.item() == approx((0.6 * (1 + 2) + 0.4 * 0.5) / 10)  # the step's count, not these 3 tokens
+    assert metrics["positive_tokens"] == 3.0
+
+
 def test_weighted_nll_without_positives_is_zero_and_connected():
     logp = t([[-1.0, -2.0]], requires_grad=True)
     loss, metrics = weighted_nll(logp, torch.ones(1, 2), torch.zeros(1), torch.tensor([False]))

@@ -100,3 +100,16 @@ def test_a_group_split_across_micro_batches_gets_its_weights_from_the_separate_p
 def test_with_lora_dropout_the_weights_come_from_the_dropout_free_pass(step, counter):
     packed = _run(step, counter, pack_positives=True, lora_dropout=0.1)
     assert packed[4] == [[0, 2, 3, 8, 9, 10, 11]]
+
+
+def test_step_nll_normalisation_over_micro_batches_equals_one_micro_batch_of_the_whole_step(step, counter):
+    """nll_normalization: step divides by the step's positive tokens: split into micro-batches of 3, the
+    NLL's gradient is the one of a single micro-batch holding every row (the reference's divisor then)."""
+    plain = dict(alpha=0.0, beta_entropy=0.0, shuffle_micro_batches=False)
+    whole = _run(step, counter, **plain, micro_batch_size=12)
+    split = _run(step, counter, **plain, micro_batch_size=3, nll_normalization="step")
+    reference = _run(step, counter, **plain, micro_batch_size=3)
+    assert whole[3].keys() == split[3].keys() and len(whole[3]) > 0
+    for name, grad in whole[3].items():
+        torch.testing.assert_close(split[3][name], grad, rtol=1e-5, atol=1e-7)
+    assert any(not torch.allclose(reference[3][n], g, rtol=1e-3) for n, g in whole[3].items())

@@ -1,8 +1,10 @@
 """Per-token log-probs, entropies and pooled final hidden states of completions, in one forward.
 
 Logits are never held as B x T x V in fp32 at once: the vocabulary projection, log-softmax and
-entropy run in chunks of completion positions, each under activation checkpointing, so backward
-recomputes one chunk's logits at a time (docs/measurements.md section 1.3: full fp32 logits dominate memory).
+entropy run in chunks of completion positions, each under activation checkpointing when the model
+checkpoints its layers, so backward recomputes one chunk's logits at a time (docs/measurements.md
+section 1.3: full fp32 logits dominate memory). Without gradient checkpointing (the planner found that
+the step fits) the chunks keep their logits too: no recomputation at all.
 
 Shared prompts (`PromptPrefix`): a group's G rollouts have one prompt, so the prompt can run through the
 decoder once and each completion attend to its keys and values instead of recomputing them. With
@@ -115,16 +117,19 @@ def completion_stats(
     chunk_size: int = 128,
     prefix: PromptPrefix | None = None,
     prefix_rows: torch.Tensor | None = None,
-    checkpoint_chunks: bool = True,
+    checkpoint_chunks: bool | None = None,
 ) -> CompletionStats:
     """Score completions `input_ids[:, prompt_length:]` under `model` (a PeftModel or a plain causal LM).
 
     input_ids, attention_mask: (N, P + T), prompts left-padded to P; completion_mask: (N, T).
     With `prefix` (the prompts run once, `prompt_prefix`) and `prefix_rows` (N,), row i's prompt is
     prefix row `prefix_rows[i]`: input_ids and attention_mask then hold the completions only (N, T)
-    and prompt_length is 0.
+    and prompt_length is 0. `checkpoint_chunks` (None: as the model's gradient checkpointing) recomputes
+    each chunk's logits in backward instead of keeping them.
     """
     base = _base(model)
+    if checkpoint_chunks is None:
+        checkpoint_chunks = bool(getattr(base, "is_gradient_checkpointing", True))
     decoder, head = base.get_decoder(), base.get_output_embeddings()
     if prefix is not None:
         attention_mask = torch.cat([prefix.mask[prefix_rows], attention_mask], dim=1)  # (N, P + T)

@@ -79,12 +79,18 @@ def popo_weights(
 
 
 def weighted_nll(
-    token_logprobs: Tensor, completion_mask: Tensor, weights: Tensor, positive: Tensor
+    token_logprobs: Tensor,
+    completion_mask: Tensor,
+    weights: Tensor,
+    positive: Tensor,
+    token_count: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Weighted token NLL over positives (docs/algorithm.md section 1.5.1).
 
     ``L = sum_i sum_t w_i * (-logp_i,t) * m_i,t / (completion tokens of positive sequences here)``.
     token_logprobs, completion_mask: (N, T); weights: (N,), treated as constants; positive: (N,) bool.
+    `token_count` replaces the divisor (None: this micro-batch's positive tokens, the reference; the
+    step-level normalisation passes the step's positive tokens over its micro-batch count).
     A micro-batch without positive tokens gives a zero loss still connected to the graph.
     """
     positive_mask = completion_mask.bool() & positive.bool()[:, None]  # (N, T)
@@ -93,7 +99,7 @@ def weighted_nll(
     if positive_tokens == 0:
         return _connected_zero(token_logprobs), {**metrics, "nll": 0.0}
     token_nll = -token_logprobs.float() * weights.detach().float()[:, None]  # (N, T)
-    loss = _masked_sum(token_nll, positive_mask) / positive_tokens
+    loss = _masked_sum(token_nll, positive_mask) / (positive_tokens if token_count is None else token_count)
     return loss, {**metrics, "nll": loss.item()}
 
 
@@ -143,6 +149,7 @@ def popo_loss(
     alpha: float = 0.1,
     beta_entropy: float = 0.01,
     entropy_over: str = "all",
+    nll_token_count: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """POPO micro-batch loss ``L = L_nll + alpha * L_sim + beta_entropy * L_ent`` (docs/algorithm.md 1.5.4).
 
@@ -151,7 +158,8 @@ def popo_loss(
     None when beta_entropy == 0. ``entropy_over="all"`` (reference) averages entropy over every completion
     token, negatives included; ``"positives"`` over positive sequences' tokens only. A micro-batch with no
     positive gives a zero loss still connected to the graph, entropy skipped too (section 1.9).
-    Gradient-accumulation scaling is the caller's.
+    Gradient-accumulation scaling is the caller's. `nll_token_count` is the NLL's divisor
+    (`weighted_nll`'s token_count; None = this micro-batch's positive tokens, the reference).
     """
     if entropy_over not in ENTROPY_OVER:
         raise ValueError(f"unknown entropy_over {entropy_over!r}; expected one of {ENTROPY_OVER}")
@@ -164,7 +172,7 @@ def popo_loss(
     if entropy_over == "positives":
         entropy_mask = entropy_mask & positive[:, None]
 
-    nll, metrics = weighted_nll(token_logprobs, completion_mask, weights, positive)
+    nll, metrics = weighted_nll(token_logprobs, completion_mask, weights, positive, nll_token_count)
     if metrics["positive_tokens"] == 0:
         loss = _connected_zero(token_logprobs, token_entropy, predicted)
         metrics.update(sim=0.0, cosine=0.0, entropy=0.0, loss=0.0)

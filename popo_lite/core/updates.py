@@ -308,6 +308,7 @@ def _popo_micro_batch_loss(
     entropy_over: str,
     noise_std: float,
     generator: torch.Generator,
+    nll_token_count: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """One micro-batch's POPO loss from its policy forward (`mb_outputs`, with gradient) and the EMA
     features of its positives (n+, H). A micro-batch with no positive gives a connected zero."""
@@ -334,6 +335,7 @@ def _popo_micro_batch_loss(
         alpha=alpha,
         beta_entropy=beta_entropy,
         entropy_over=entropy_over,
+        nll_token_count=nll_token_count,
     )
     return loss, {**metrics, **extra}
 
@@ -355,14 +357,17 @@ def popo_update(
     generator: torch.Generator,
     replicas: Replicated | None = None,
     timer=None,
+    shuffle_generator: torch.Generator | None = None,
 ) -> Update:
     """Accumulate POPO gradients for one step; returns (metrics, weights (B*G,), token log-probs by row).
 
     rewards: (B, G). Weights are per group, from the policy that sampled (no gradient), over positives
     only: a non-positive's weight is 0 whatever its log-prob. `generator` (CPU) draws the similarity
-    noise and the micro-batch shuffle. On one process a micro-batch with no positive is skipped (its loss
-    is exactly zero; it still counts in the divisor), and a step with no positive at all gives the policy
-    adapter zero gradients, as the reference's connected zero does, so the optimizer still steps.
+    noise, and `shuffle_generator` the micro-batch shuffle (`generator` when None); the trainer gives
+    each its own stream, so an ablation that draws less noise still shuffles alike. On one process a
+    micro-batch with no positive is skipped (its loss is exactly zero; it still counts in the divisor),
+    and a step with no positive at all gives the policy adapter zero gradients, as the reference's
+    connected zero does, so the optimizer still steps.
     `timer` (a PhaseTimer) times the phases "weights", "loss" (forwards and backwards) and "similarity".
     """
     device = rollouts.completion_ids.device
@@ -373,7 +378,8 @@ def popo_update(
         # rows whose weights come from their own loss forward (exact only without dropout)
         b_deferred = b_positive & ~b_split if config.lora_dropout == 0 else torch.zeros_like(b_positive)
     else:
-        order = batch_order(count, config.shuffle_micro_batches, generator, device)
+        shuffle = shuffle_generator if shuffle_generator is not None else generator
+        order = batch_order(count, config.shuffle_micro_batches, shuffle, device)
         micro_batches, b_deferred = (
             _micro_batches(order, config.micro_batch_size),
             torch.zeros_like(b_positive),
@@ -409,6 +415,10 @@ def popo_update(
         else PolicyForward(model, predictor if use_features else None)
     )
     ema_targets = _EMATargets(model, rollouts, config.temperature, config.shared_prompts)
+    nll_token_count = None  # the reference: each micro-batch's own positive tokens
+    if config.nll_normalization == "step" and micro_batches:  # the step's, shared out over the divisor
+        b_positive_tokens = rollouts.completion_mask.sum(1)[b_positive].sum()
+        nll_token_count = float(b_positive_tokens) / len(micro_batches)
     prefix = leaves = None  # the step's prompts, run once with gradient for every micro-batch
     if _shares_gradient_prompts(config, replicas) and b_positive.any():
         with _phase(timer, "loss"):
@@ -453,6 +463,7 @@ def popo_update(
                     entropy_over=config.entropy_over,
                     noise_std=config.noise_std,
                     generator=generator,
+                    nll_token_count=nll_token_count,
                 )
                 _backward(loss / len(micro_batches), {} if stand_in else metrics, collected, "POPO", replicas)
     if prefix is not None:

@@ -264,7 +264,9 @@ def update_bytes(
         "backward through one decoder layer": (common + below + layer, 0),
     }
     if no_grad_targets is not None:  # the EMA or reference forward, with the policy forward's graph alive
-        policy = common + stored + (FP32 + b) * h * tokens
+        # without checkpointing the log-prob chunk keeps its log-softmax output (and exp, for entropy)
+        kept = 0 if checkpointed else (2 if copies == 5 else 1) * chunk
+        policy = common + stored + (FP32 + b) * h * tokens + kept
         forward = (policy + forward_layer(shape, b, no_grad_targets) * tokens + mask + dequantised, 0)
         moments["no-grad EMA/reference forward"] = max(forward, (policy + b * h * tokens, 2 * chunk), key=sum)
     name = max(moments, key=lambda key: sum(moments[key]))

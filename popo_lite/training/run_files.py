@@ -124,7 +124,11 @@ def write_step(session, result: StepResult, record: dict) -> None:
 
 def save_checkpoint_of(session) -> Path:
     """Checkpoint the session; a failed write (disk full) removes itself and leaves the last one valid."""
-    extra = {"sampler": session.sampler.state_dict(), "noise_generator": session.generator.get_state()}
+    extra = {
+        "sampler": session.sampler.state_dict(),
+        "noise_generator": session.generator.get_state(),
+        "shuffle_generator": session.shuffle_generator.get_state(),
+    }
     folder = session.run_dir / "checkpoints"
     try:
         return save_checkpoint(

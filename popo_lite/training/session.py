@@ -73,6 +73,9 @@ def lr_lambda(config: Config) -> Callable[[int], float]:
     return factor
 
 
+SHUFFLE_SEED_OFFSET = 1_000_003  # the shuffle stream's seed is the run's seed plus this
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -94,7 +97,8 @@ class Session:
     optimizer: torch.optim.Optimizer  # over the policy adapter and the predictor
     scheduler: torch.optim.lr_scheduler.LambdaLR
     sampler: PromptSampler
-    generator: torch.Generator  # CPU: similarity noise and micro-batch shuffles (checkpointed)
+    generator: torch.Generator  # CPU: the similarity noise only (checkpointed)
+    shuffle_generator: torch.Generator  # CPU: the micro-batch shuffles only (checkpointed)
     eval_problems: dict[str, list[Problem]]
     generate: Callable[..., Rollouts]  # generate_rollouts' positional arguments (engine/choose.py)
     reporter: Reporter | None  # TensorBoard / W&B, main process only
@@ -199,7 +203,11 @@ def _prepare_in(
         config.save(run_dir / "config.yaml")
     predictor = None
     if config.algo == "popo":
-        predictor = Predictor(model.get_base_model().config.hidden_size, config.predictor_dim).to(device)
+        # Its initialisation draws from a fork of the global generator, so every arm of one seed (GRPO
+        # builds no predictor) samples the same rollouts: common random numbers across methods.
+        with torch.random.fork_rng(devices=[]):
+            predictor = Predictor(model.get_base_model().config.hidden_size, config.predictor_dim)
+        predictor = predictor.to(device)
     if replicas is not None:  # DDP broadcasts the main process's policy and predictor here
         replicas.wrap(PolicyForward(model, predictor if config.alpha > 0 else None))
     ema_reset(model)
@@ -219,6 +227,8 @@ def _prepare_in(
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config)),
         sampler=PromptSampler(len(problems), config.seed),
         generator=torch.Generator().manual_seed(config.seed),
+        # its own stream: an arm that draws less noise (alpha 0, fewer rows) shuffles as the others do
+        shuffle_generator=torch.Generator().manual_seed(config.seed + SHUFFLE_SEED_OFFSET),
         eval_problems=eval_problems,
         generate=rollout_engine(config, run_dir, replicas.rank if replicas else 0),
         reporter=None,
@@ -237,6 +247,8 @@ def _prepare_in(
         session.step = state["step"]
         session.sampler.load_state_dict(state["sampler"])
         session.generator.set_state(state["noise_generator"])
+        if "shuffle_generator" in state:  # checkpoints from before the separate shuffle stream lack it
+            session.shuffle_generator.set_state(state["shuffle_generator"])
     if is_main:
         for name in ("metrics.jsonl", "rollouts.jsonl"):
             truncate_jsonl(run_dir / name, session.step)

@@ -142,10 +142,11 @@ def gradients(
                 session.generator,
                 session.replicas,
                 timer,
+                session.shuffle_generator,
             )
         else:
             update = grpo_update(
-                session.model, rollouts, rewards, config, session.replicas, session.generator, timer
+                session.model, rollouts, rewards, config, session.replicas, session.shuffle_generator, timer
             )
     except NonFiniteLoss as error:
         session.optimizer.zero_grad(set_to_none=True)
