@@ -376,8 +376,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 outcome = train_arm(study, arm, seed, base, rate)
             add_run(path, results, outcome, list(ARMS))
-            wall.append(time.perf_counter() - started)
-            print(f"  {_describe(arm, rate, seed)} finished in {wall[-1] / 60:.1f} min", flush=True)
+            seconds = time.perf_counter() - started
+            wall += [seconds] if arm != "base" else []  # the ETA is in trained cells
+            print(f"  {_describe(arm, rate, seed)} finished in {seconds / 60:.1f} min, in {path}", flush=True)
             _render(args, study, results, arms, seeds)
     if args.measure_base:
         print(base_verdict(find_run(results, "base", None)))

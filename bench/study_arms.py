@@ -68,7 +68,9 @@ ARMS: dict[str, Arm] = {
         "trainer", "POPO, sequence weights", recipe="configs/ablations/weights-sequence.yaml"
     ),
     # issue 23 item 4: the step's positive tokens normalise the NLL instead of each micro-batch's
-    "nll-step": Arm("trainer", "POPO, NLL over the step's positive tokens", {"nll_normalization": "step"}),
+    "nll-step": Arm(
+        "trainer", "POPO, NLL over the step's positive tokens", recipe="configs/ablations/nll-step.yaml"
+    ),
     "trl-grpo": Arm("trl", "TRL's GRPOTrainer", {"algo": "grpo"}),
 }
 ABLATIONS = ("no-similarity", "no-ema", "no-entropy", "weights-uniform", "weights-sequence", "nll-step")
@@ -315,7 +317,11 @@ def arm_values(arm: str) -> dict:
 
 def unavailable(arm: str) -> str | None:
     """Why popo_lite cannot run this arm yet (a config field it does not know), or None."""
-    unknown = [key for key in ARMS[arm].overrides if key not in FIELD_NAMES]
+    spec = ARMS[arm]
+    keys = list(spec.overrides)
+    if spec.recipe is not None:
+        keys += list(yaml.safe_load((ROOT / spec.recipe).read_text()) or {})
+    unknown = [key for key in keys if key not in FIELD_NAMES]
     if unknown:
         return f"{arm}: popo_lite's Config has no field {', '.join(unknown)} yet; skipped"
     return None

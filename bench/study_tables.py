@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.study_arms import ABLATIONS, SWEEP_RATES, ema_moved, rate_name  # noqa: E402
+from bench.study_arms import ABLATIONS, MODES, SWEEP_RATES, ema_moved, rate_name  # noqa: E402
 from bench.study_results import load_results, with_suffix  # noqa: E402
 from bench.study_selection import (  # noqa: E402
     SELECTION_RULE,
@@ -104,6 +104,13 @@ def sweep_markdown(results: dict) -> str:
         "Written down (bench/study_selection.py, and this file) before any sweep cell ran:",
         "",
         f"> {SELECTION_RULE}",
+        "",
+        "The split: two_digit_sums' 200 held-out sums (no operand shared with training) are cut in two "
+        "by unordered pair, so a + b and b + a fall on one side (bench/study_arms.py `split_heldout`): "
+        "99 validation sums, which only the sweep evaluates, and 101 reported sums, which only confirm "
+        f"and ablations evaluate. Planned: {' '.join(rate_name(r) for r in SWEEP_RATES)} x seeds 0 1 x "
+        f"grpo popo psr, {MODES['sweep'].steps} steps each. The chosen rates from the committed JSON: "
+        "`python bench/study_tables.py --chosen`.",
         "",
         "## Validation greedy pass@1 at the last step",
         "",
