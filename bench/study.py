@@ -82,7 +82,8 @@ JSON as soon as it finishes; two lanes with disjoint cells can share one JSON):
 - confirm: each method at its chosen rate (read from --sweep_results), seeds 0-4, 32 steps, greedy
   pass@1 and pass@k (k up to 64) on the REPORTED half only, which the sweep never evaluates.
 - ablations: the POPO ablations and `nll-step` at POPO's chosen rate, seeds 0-2, into confirm's JSON
-  (its POPO seeds are the reference; the settings must match, which the signature check enforces).
+  (its POPO seeds are the reference, run here too where confirm has not yet; the settings must match,
+  which the signature check enforces).
 In these modes POPO's tau is 0.5 ** (2 / steps) (the EMA's half-life is half the run), the EMA adapter
 is measured only where it moved (study_arms.ema_moved), and the probe runs every `--probe_every` steps.
 

@@ -150,7 +150,7 @@ MODES = {
     ),
     "ablations": Mode(
         "POPO's ablations at POPO's chosen rate, beside confirm's POPO seeds",
-        ABLATIONS,
+        ("popo", *ABLATIONS),  # the reference: confirm's POPO cells, run here only if confirm has not
         (0, 1, 2),
         "reported",
         64,

@@ -208,3 +208,45 @@ def test_the_sweep_table_renders_before_any_cell_with_the_rule():
     assert "| grpo | MISSING | MISSING | MISSING | MISSING | MISSING | not yet |" in text
     assert "0 of 30 cells measured." in text
     assert math.isclose(0.5 ** (2 / 24), half_life_tau(24))
+
+
+@pytest.mark.slow  # three tiny cells and two bases on the tiny model: about 1 min on 2 busy cores
+def test_sweep_then_confirm_then_ablations_end_to_end_on_the_tiny_model(
+    tiny_model_dir, digit_problems, tmp_path
+):
+    study = load_study()
+    common = tiny_options(tiny_model_dir, digit_problems, tmp_path)
+    common = [o for o in common if o not in ("--heldout", "8")] + ["--steps", "1"]
+    sweep = [*common, "--mode", "sweep", "--results", str(tmp_path / "sweep"), "--rates", "1e-2"]
+    assert study.main([*sweep, "--arms", "popo", "--seeds", "0", "1"]) == 0
+    stored = json.loads((tmp_path / "sweep.json").read_text())
+    assert stored["grid"] == {"rates": [1e-2], "seeds": [0, 1]}
+    (base,) = [r for r in stored["runs"] if r["arm"] == "base"]
+    assert "passk" not in base and base["signature"]["heldout_part"] == "validation"
+    popo = [r for r in stored["runs"] if r["arm"] == "popo"]
+    assert [(r["learning_rate"], r["seed"]) for r in popo] == [(1e-2, 0), (1e-2, 1)]
+    assert all(r["config"]["tau"] == 0.25 and "greedy" in r["ema"] for r in popo)  # 0.5 ** (2 / 1)
+    confirm = [
+        *common,
+        "--results",
+        str(tmp_path / "confirm"),
+        "--sweep_results",
+        str(tmp_path / "sweep.json"),
+    ]
+    confirm += ["--samples", "4"]
+    assert study.main([*confirm, "--mode", "confirm", "--arms", "popo", "--seeds", "0", "1"]) == 0
+    assert study.main([*confirm, "--mode", "ablations", "--arms", "popo", "no-ema", "--seeds", "0", "1"]) == 0
+    runs = json.loads((tmp_path / "confirm.json").read_text())["runs"]
+    assert sorted((r["arm"], r["seed"]) for r in runs if r["arm"] != "base") == [
+        ("no-ema", 0),
+        ("no-ema", 1),
+        ("popo", 0),
+        ("popo", 1),
+    ]  # fmt: skip  (the ablations reused confirm's POPO cells)
+    assert all(r["learning_rate"] == 1e-2 and r["passk"]["samples"] == 4 for r in runs if r["arm"] != "base")
+    text = (tmp_path / "confirm.md").read_text()
+    assert "| popo | 1e-2 | 2 |" in text and "## Ablations at POPO's rate" in text
+    from bench.study_tables import main as render
+
+    assert render(["--sweep", str(tmp_path / "sweep"), "--confirm", str(tmp_path / "confirm")]) == 0
+    assert (tmp_path / "confirm.md").read_text().split("\n", 3)[3] == text.split("\n", 3)[3]
