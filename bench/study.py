@@ -207,6 +207,9 @@ def parser() -> argparse.ArgumentParser:
         "--samples", type=int, help="samples per held-out problem for pass@k, 0: none (mode's)"
     )
     study.add_argument("--probe_every", type=int, help="probe every N steps and at the end (default: mode's)")
+    study.add_argument(
+        "--ema_passk", action="store_true", help="the EMA adapter's pass@k too (default: greedy pass@1 only)"
+    )
     options = [
         ("--probe_prompts", 16, "held-out prompts of the probe"),
         ("--probe_samples", 4, "base samples per probe prompt"),
@@ -286,6 +289,7 @@ def build_study(args: argparse.Namespace) -> Study:
         part=mode.part,
         half_life=mode.half_life_tau,
         probe_every=args.probe_every or mode.probe_every,
+        ema_passk=mode.ema_passk or args.ema_passk,
     )
 
 
@@ -349,7 +353,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if args.mode == "sweep":  # the planned grid: what "complete" means for the rule, whatever lane
             add_grid(path, results, list(args.rates or SWEEP_RATES), sorted({*seeds, *mode.seeds}))
-        cells = [(arm, rate, seed) for seed in seeds for arm in arms if arm != "base" for rate in rates[arm]]
+        # rate by rate across the arms, so a lane stopped early leaves every method equally far along
+        trained = [arm for arm in arms if arm != "base"]
+        width = max((len(rates[arm]) for arm in trained), default=0)
+        cells = [
+            (arm, rates[arm][i], seed)
+            for seed in seeds
+            for i in range(width)
+            for arm in trained
+            if i < len(rates[arm])
+        ]
         todo = [("base", None, None), *cells]
         done = [cell for cell in todo if find_run(results, cell[0], cell[2], cell[1]) is not None]
         todo = [cell for cell in todo if cell not in done]

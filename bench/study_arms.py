@@ -118,6 +118,8 @@ class Mode:
     eval_every: int | None = None
     half_life_tau: bool = False  # POPO's tau from the run's length (half_life_tau), not the config's
     probe_every: int = 1
+    # pass@k of the EMA adapter too: as dear as the policy's (pass@64 of 101 problems: 6,464 samples)
+    ema_passk: bool = False
 
 
 MODES = {
@@ -225,6 +227,7 @@ class Study:
     part: str = "first"
     half_life: bool = False  # tau = half_life_tau(steps) for POPO arms with an EMA
     probe_every: int = 1
+    ema_passk: bool = True  # the EMA adapter's pass@k beside its greedy pass@1
 
     @property
     def eval_every(self) -> int:
@@ -276,7 +279,7 @@ class Study:
             "probe": [self.probe_prompts, self.probe_samples, self.probe_negatives, PROBE_SEED],
         }
         if self.mode != "study":  # the study's signature stays as its committed runs hold it
-            study.update(heldout_part=self.part, probe_every=self.probe_every)
+            study.update(heldout_part=self.part, probe_every=self.probe_every, ema_passk=self.ema_passk)
         return json.loads(json.dumps({**common, **study}))  # as stored: tuples become lists
 
     def greedy_settings(self) -> EvalSettings:

@@ -312,7 +312,7 @@ def _final_evaluations(study: Study, result: dict, model, tokenizer, config: Con
     clock = time.perf_counter()
     with torch.no_grad(), ema_forward(model):
         result["ema"] = {"greedy": greedy_eval(model, tokenizer, study)}
-        passk = sampled_eval(model, tokenizer, study)
+        passk = sampled_eval(model, tokenizer, study) if study.ema_passk else None
         if passk is not None:
             result["ema"]["passk"] = passk
     result["ema"]["start_weight"] = config.tau**config.steps
