@@ -124,7 +124,13 @@ class Mode:
 
 MODES = {
     "study": Mode(
-        "the 8-step study: every arm at one learning rate", ("main",), (0, 1, 2), "first", 16, "study"
+        "the 8-step study: every arm at one learning rate",
+        ("main",),
+        (0, 1, 2),
+        "first",
+        16,
+        "study",
+        ema_passk=True,
     ),
     "sweep": Mode(
         "learning-rate sweep per method, scored on the validation part only",

@@ -315,7 +315,8 @@ def _final_evaluations(study: Study, result: dict, model, tokenizer, config: Con
         passk = sampled_eval(model, tokenizer, study) if study.ema_passk else None
         if passk is not None:
             result["ema"]["passk"] = passk
-    result["ema"]["start_weight"] = config.tau**config.steps
+    if study.half_life:  # how much of the start is left in the EMA (the 8-step study's: 0.96)
+        result["ema"]["start_weight"] = config.tau**config.steps
     result["seconds_ema_eval"] = time.perf_counter() - clock
 
 

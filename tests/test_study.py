@@ -145,7 +145,7 @@ def test_every_measured_field_of_both_runs_is_in_the_json(studied):
 def test_a_second_invocation_skips_finished_runs(studied, capsys):
     capsys.readouterr()
     assert studied.study.main([*studied.options, "--arms", "popo", "trl-grpo", "--seeds", "0"]) == 0
-    assert "study: 0 runs to do, 3 already in" in capsys.readouterr().out
+    assert "study (study): 0 cells to do, 3 already in" in capsys.readouterr().out
     again = json.loads((studied.out / "study.json").read_text())
     assert again["runs"] == studied.results["runs"]
 
