@@ -3,6 +3,7 @@
 
     python bench/default_run.py                       # seeds 0 1 2, both modes, interleaved
     python bench/default_run.py --seeds 3 --modes qlora
+    python bench/default_run.py --seeds 0 --modes fp32 fp32-per-rollout --output bench/results/default_speed
 
 Each run is the real command line in a subprocess (only --seed, --run_name and --output_dir added), so
 its wall time is what a user waits, model load included. Resumable: a (mode, seed) already in the JSON
@@ -28,7 +29,14 @@ sys.path.insert(0, str(ROOT))
 from popo_lite.training.runs import read_jsonl  # noqa: E402
 from popo_lite.training.summary import run_summary  # noqa: E402
 
-MODES = {"fp32": [], "qlora": ["--qlora"]}
+PER_ROLLOUT = ["--no-shared_prompts", "--gradient_checkpointing", "true"]  # the step before shared prompts
+MODES = {
+    "fp32": [],
+    "qlora": ["--qlora"],
+    "fp32-per-rollout": PER_ROLLOUT,  # for the speed comparison: --modes fp32 fp32-per-rollout
+    "qlora-per-rollout": ["--qlora", *PER_ROLLOUT],
+}
+DEFAULT_MODES = ["fp32", "qlora"]
 
 
 def run_one(mode: str, seed: int, runs_dir: Path) -> dict:
@@ -52,6 +60,13 @@ def run_one(mode: str, seed: int, runs_dir: Path) -> dict:
         "heldout_before": summary["heldout_before"],
         "heldout_after": summary["heldout_after"],
     }
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
 
 
 def _mean(values: list[float]) -> float:
@@ -81,8 +96,12 @@ def render(results: dict) -> str:
         lines.append(
             f"| {run['mode']} | {run['seed']} | {rewards} | {heldout} | {run['wall_seconds']:.0f} s |"
         )
-    lines += ["", "| mode | seeds | first step reward | mean of the last 3 steps | held-out before | after |"]
-    lines.append("| --- | --- | --- | --- | --- | --- |")
+    lines += [
+        "",
+        "| mode | seeds | first step reward | mean of the last 3 steps | held-out before | after "
+        "| seconds per step (median) | wall time |",
+    ]
+    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for mode in MODES:
         chosen = [run for run in runs if run["mode"] == mode]
         if not chosen:
@@ -91,10 +110,13 @@ def render(results: dict) -> str:
         last = [_mean(run["rewards"][-3:]) for run in chosen]
         before = [next(iter(run["heldout_before"].values()), 0.0) for run in chosen]
         after = [next(iter(run["heldout_after"].values()), 0.0) for run in chosen]
+        steps = sorted(seconds for run in chosen for seconds in run.get("seconds_step", []))
+        median = f"{steps[len(steps) // 2]:.1f} s" if steps else "-"
+        walls = [run["wall_seconds"] for run in chosen]
         lines.append(
             f"| {mode} | {len(chosen)} | {_mean(first):.3f} ± {_std(first):.3f} | "
             f"{_mean(last):.3f} ± {_std(last):.3f} | {_mean(before):.1%} | "
-            f"{_mean(after):.1%} ± {_std(after):.1%} |"
+            f"{_mean(after):.1%} ± {_std(after):.1%} | {median} | {min(walls):.0f}-{max(walls):.0f} s |"
         )
     lines += [
         "",
@@ -106,7 +128,7 @@ def render(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=DEFAULT_MODES)
     parser.add_argument("--runs_dir", default=str(ROOT / "runs" / "bench-default"))
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "default_run"))
     args = parser.parse_args()
@@ -115,7 +137,7 @@ def main() -> None:
     results = json.loads(path.read_text()) if path.is_file() else {"runs": []}
     results.update(
         command="python -m popo_lite.train [--qlora] --seed S",
-        machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
+        machine=f"{platform.machine()} ({cpu_name()}), {os.cpu_count()} CPU cores, no GPU",
         date=str(date.today()),
     )
     done = {(run["mode"], run["seed"]) for run in results["runs"]}

@@ -124,13 +124,35 @@ from bench.study_results import (  # noqa: E402
     with_suffix,
     write_report,
 )
-from bench.study_runs import measure_base, train_arm, train_trl, trl_policy  # noqa: E402
+from bench.study_runs import (  # noqa: E402
+    measure_base,
+    train_arm,
+    train_trl,
+    trl_arguments,
+    trl_dataset,
+    trl_policy,
+    trl_reward,
+)
 from bench.study_selection import chosen_rates, sweep_grid  # noqa: E402
 from bench.study_tables import write_tables  # noqa: E402
 from popo_lite.config import FIELD_NAMES, Config, ConfigError, add_config_options, load_config  # noqa: E402
 from popo_lite.evaluation.benchmarks import load_benchmarks  # noqa: E402
 
-__all__ = ["ARMS", "StudyError", "add_run", "expand_arms", "load_results", "main", "parser", "trl_policy"]
+# what tests and bench/step_cost.py import from here
+__all__ = [
+    "ARMS",
+    "CPU_DEFAULTS",
+    "StudyError",
+    "add_run",
+    "expand_arms",
+    "load_results",
+    "main",
+    "parser",
+    "trl_arguments",
+    "trl_dataset",
+    "trl_policy",
+    "trl_reward",
+]
 MIN_REPORTED = 96  # issue 23 item 3: at least 96 reported held-out problems
 
 

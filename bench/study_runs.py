@@ -22,7 +22,7 @@ from popo_lite.config import Config
 from popo_lite.core.logprobs import completion_stats
 from popo_lite.core.rewards import score
 from popo_lite.core.siamese import ema_forward
-from popo_lite.data.problems import format_prompt, training_problems
+from popo_lite.data.problems import Problem, format_prompt, training_problems
 from popo_lite.engine.model import load_base, lora_config
 from popo_lite.engine.rollouts import generate_rollouts
 from popo_lite.evaluation.benchmarks import evaluate_problems
@@ -365,23 +365,11 @@ def trl_policy(config: Config):
     return model, tokenizer, device
 
 
-def train_trl(study: Study, arm: str, seed: int, base: dict, learning_rate: float | None = None) -> dict:
-    """The same budget with TRL's GRPOTrainer, measured by the same code through a callback."""
+def trl_dataset(problems: list[Problem], config: Config, tokenizer):
+    """The training problems as TRL's prompt dataset, with the gold answer and question for the reward."""
     from datasets import Dataset
-    from transformers import TrainerCallback
-    from transformers.trainer_callback import PrinterCallback
-    from trl import GRPOConfig, GRPOTrainer
 
-    config = study.config(arm, seed, learning_rate)
-    run_dir = study.runs_dir / config.run_name
-    _fresh_run_dir(run_dir)
-    run_dir.mkdir(parents=True)
-    config.save(run_dir / "config.yaml")
-    result = _new_result(study, arm, seed, config, learning_rate)
-    started = time.perf_counter()
-    problems = training_problems(config)
-    model, tokenizer, device = trl_policy(config)
-    dataset = Dataset.from_list(
+    return Dataset.from_list(
         [
             {
                 "prompt": format_prompt(p.problem, config.prompt_template, tokenizer),
@@ -391,6 +379,12 @@ def train_trl(study: Study, arm: str, seed: int, base: dict, learning_rate: floa
             for p in problems
         ]
     )
+
+
+def trl_arguments(config: Config, run_dir: Path, seed: int, model, device: torch.device):
+    """TRL's GRPOConfig for popo_lite's GRPO step: the same rollouts, loss, KL, learning rate and schedule."""
+    from trl import GRPOConfig
+
     rows = config.rollouts_per_step
     per_device = (
         config.micro_batch_size if rows % config.micro_batch_size == 0 else config.rollouts_per_prompt
@@ -400,7 +394,7 @@ def train_trl(study: Study, arm: str, seed: int, base: dict, learning_rate: floa
     schedule = (
         "cosine" if config.lr_schedule == "cosine" else ("constant_with_warmup" if warmup else "constant")
     )
-    args = GRPOConfig(
+    return GRPOConfig(
         output_dir=str(run_dir),
         max_steps=config.steps,
         learning_rate=config.learning_rate,
@@ -436,7 +430,10 @@ def train_trl(study: Study, arm: str, seed: int, base: dict, learning_rate: floa
         disable_tqdm=True,
         remove_unused_columns=False,
     )
-    rewards: list[tuple[float, int]] = []  # (mean, positives) per call = per step
+
+
+def trl_reward(rewards: list[tuple[float, int]]):
+    """The trainer's reward as a TRL reward function; appends (mean, positives) of each call to `rewards`."""
 
     def correct(completions, answer, question, **kwargs):  # the question too, as the trainer's reward
         values = [
@@ -445,6 +442,29 @@ def train_trl(study: Study, arm: str, seed: int, base: dict, learning_rate: floa
         ]
         rewards.append((sum(values) / len(values), sum(value > 0 for value in values)))
         return values
+
+    return correct
+
+
+def train_trl(study: Study, arm: str, seed: int, base: dict, learning_rate: float | None = None) -> dict:
+    """The same budget with TRL's GRPOTrainer, measured by the same code through a callback."""
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
+    from trl import GRPOTrainer
+
+    config = study.config(arm, seed, learning_rate)
+    run_dir = study.runs_dir / config.run_name
+    _fresh_run_dir(run_dir)
+    run_dir.mkdir(parents=True)
+    config.save(run_dir / "config.yaml")
+    result = _new_result(study, arm, seed, config, learning_rate)
+    started = time.perf_counter()
+    model, tokenizer, device = trl_policy(config)
+    dataset = trl_dataset(training_problems(config), config, tokenizer)
+    rows = config.rollouts_per_step
+    args = trl_arguments(config, run_dir, seed, model, device)
+    rewards: list[tuple[float, int]] = []  # (mean, positives) per call = per step
+    correct = trl_reward(rewards)
 
     class Timed(GRPOTrainer):
         """Times generation + scoring and counts the rows with a nonzero advantage."""

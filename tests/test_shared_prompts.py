@@ -214,3 +214,16 @@ def test_shared_prefill_in_batches_that_split_groups_gives_the_same_tokens(tiny_
         batched_want, batched_got = rollouts(size, shared=False), rollouts(size, shared=True)
         assert torch.equal(batched_got.completion_ids, batched_want.completion_ids), size
     hook.remove()
+
+
+def test_shared_prefill_in_chunks_gives_the_same_tokens(tiny_config):
+    _, model, tokenizer, _ = _policy(tiny_config, qlora=False)
+
+    def rollouts(shared: bool, chunk):
+        torch.manual_seed(9)
+        options = {"max_new_tokens": 5, "temperature": 1.0, "prefill_chunk_size": chunk}
+        return generate_rollouts(model, tokenizer, PROMPTS, G, shared_prompts=shared, **options)
+
+    want = rollouts(False, None)
+    for chunk in (1, 2, 3):  # chunks ending inside the shorter prompts' padding
+        assert torch.equal(rollouts(True, chunk).completion_ids, want.completion_ids), chunk

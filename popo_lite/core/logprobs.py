@@ -72,19 +72,27 @@ class PromptPrefix:
         )
 
 
-def prompt_prefix(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> PromptPrefix | None:
+def prompt_prefix(
+    model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, chunk: int | None = None
+) -> PromptPrefix | None:
     """Run each prompt (U, P), left-padded, through the decoder once; with gradient unless under no_grad.
 
-    None where the model's cache is not one plain full-attention layer per decoder layer (sliding-window
-    or hybrid caches): callers then score each row with its own prompt.
+    `chunk` feeds that many positions per forward (generation's prefill_chunk_size), each attending to
+    the cache of the ones before. None where the model's cache is not one plain full-attention layer per
+    decoder layer (sliding-window or hybrid caches): callers then score each row with its own prompt.
     """
-    output = _base(model).get_decoder()(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        position_ids=position_ids_for(prompt_mask),
-        use_cache=True,
-    )
-    cache = output.cache
+    decoder, positions, width = _base(model).get_decoder(), position_ids_for(prompt_mask), prompt_ids.shape[1]
+    cache = output = None
+    for start in range(0, width, chunk or width):
+        end = min(start + (chunk or width), width)
+        output = decoder(
+            input_ids=prompt_ids[:, start:end],
+            attention_mask=prompt_mask[:, :end],
+            position_ids=positions[:, start:end],
+            cache=cache,
+            use_cache=True,
+        )
+        cache = output.cache
     if cache is None or not all(type(layer) is DynamicLayer for layer in cache.layers):
         return None
     keys = [layer.keys for layer in cache.layers]

@@ -108,8 +108,8 @@ def generate_rollouts(
     temperature 0 means greedy decoding (evaluation); training always samples. `cache` "static" is
     HF's static KV cache, compiled on CUDA (Config.generation_cache); it samples the same tokens.
     "paged" is transformers' continuous batching instead of `generate` (same greedy tokens).
-    `shared_prompts` (dynamic cache, whole-prompt prefill): each distinct prompt is prefilled once and
-    its KV cache copied to its rows (`_shared_prefill`); the same tokens as G prefills.
+    `shared_prompts` (dynamic cache): each distinct prompt is prefilled once and its KV cache copied to
+    its rows (`_shared_prefill`); the same tokens as G prefills.
     """
     start = time.perf_counter()
     device = next(model.parameters()).device
@@ -136,17 +136,21 @@ def generate_rollouts(
             if prefill_chunk_size is not None:  # prompts enter the KV cache this many positions per forward
                 cache_options["prefill_chunk_size"] = prefill_chunk_size
             options = {**generation, **cache_options, "use_cache": True}
-            # Unsloth's own inference path and the static / chunked prefills build their caches themselves
-            share = shared_prompts and cache == "dynamic" and prefill_chunk_size is None
+            # Unsloth's own inference path and the static cache build their caches themselves
+            share = shared_prompts and cache == "dynamic"
             share = share and getattr(model, "popo_lite_generation_mode", None) is None
+            shared = (group_size, prefill_chunk_size) if share else None
             completions = _generate_by_length(
-                model, prompt_ids, prompt_mask, options, batch_size, cache, group_size if share else None
+                model, prompt_ids, prompt_mask, options, batch_size, cache, shared
             )
     return assemble(prompt_ids, prompt_mask, [completions], tokenizer, stop_ids, group_size, start)
 
 
-def _shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, group_size: int):
-    """A DynamicCache of every row's prompt but its last token, each distinct prompt prefilled once.
+def _shared_prefill(
+    model, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, group_size: int, chunk: int | None
+):
+    """A DynamicCache of every row's prompt but its last token, each distinct prompt prefilled once
+    (`chunk` positions per forward when given).
 
     ids, mask: (n, P) the batch's left-padded prompts; rows: (n,) their rows in the step (row // G is the
     prompt). `generate` then runs the last prompt token itself, as after any prefill of its own, and
@@ -158,19 +162,19 @@ def _shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Te
     prompts, inverse = torch.unique(rows // group_size, return_inverse=True)  # (U,), (n,)
     first = torch.zeros(len(prompts), dtype=torch.long, device=ids.device)
     first[inverse] = torch.arange(len(rows), device=ids.device)  # one row per prompt (all rows alike)
-    prefix = prompt_prefix(model, ids[first, :-1], mask[first, :-1])
+    prefix = prompt_prefix(model, ids[first, :-1], mask[first, :-1], chunk)
     return prefix.cache(inverse) if prefix is not None else None
 
 
 def _generate_by_length(
-    model, prompt_ids, prompt_mask, options: dict, batch_size: int | None, cache: str, group_size=None
+    model, prompt_ids, prompt_mask, options: dict, batch_size: int | None, cache: str, shared=None
 ) -> torch.Tensor:
     """Completion ids (B*G, T) from HF `generate`, `batch_size` rows per call, in the rows' order.
 
     Smaller batches are formed by prompt length (stable: a group's rows stay together), each cut to its
     longest prompt, so short prompts do not carry a long one's left padding through every decoding step.
-    Not with the static cache: one cache length, one compile. With `group_size`, each batch's distinct
-    prompts are prefilled once (`_shared_prefill`).
+    Not with the static cache: one cache length, one compile. With `shared` = (group size, prefill
+    chunk), each batch's distinct prompts are prefilled once (`_shared_prefill`).
     """
     rows = prompt_ids.shape[0]
     step = min(batch_size or rows, rows)
@@ -182,9 +186,9 @@ def _generate_by_length(
             width = int(prompt_mask[index].sum(1).max()) if cache == "dynamic" else prompt_ids.shape[1]
             ids, mask = prompt_ids[index, -width:], prompt_mask[index, -width:]
             prefilled = {}
-            if group_size is not None:
-                shared = _shared_prefill(model, ids, mask, index, group_size)
-                prefilled = {"cache": shared} if shared is not None else {}
+            if shared is not None:
+                prefix_cache = _shared_prefill(model, ids, mask, index, *shared)
+                prefilled = {"cache": prefix_cache} if prefix_cache is not None else {}
             output = model.generate(input_ids=ids, attention_mask=mask, **options, **prefilled)
             pieces.append(output[:, width:])
     return pad_right(pieces, options["pad_token_id"])[torch.argsort(order).to(prompt_ids.device)]

@@ -335,8 +335,8 @@ def estimate(config: Config, model_config=None, processes: int = 1, gpu_gib: flo
     static = config.generation_cache in ("static", "paged")
     sampling = 2 if config.temperature == 1.0 else 3
     chunk = min(config.prefill_chunk_size or prompt, prompt)
-    # shared prefill: the HF engine's dynamic cache with whole-prompt prefill (engine/rollouts.py)
-    share = config.shared_prompts and not static and chunk == prompt and config.generation_backend == "hf"
+    # shared prefill: the HF engine's dynamic cache (engine/rollouts.py)
+    share = config.shared_prompts and not static and config.generation_backend == "hf"
     group = config.rollouts_per_prompt if share and config.model_loader == "hf" else 1
     generation, kv, generation_work = generation_bytes(
         shape, b, targets, batch, prompt, chunk, new, static, sampling, dequantised, group
