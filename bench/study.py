@@ -87,8 +87,9 @@ JSON as soon as it finishes; two lanes with disjoint cells can share one JSON):
 In these modes POPO's tau is 0.5 ** (2 / steps) (the EMA's half-life is half the run), the EMA adapter
 is measured only where it moved (study_arms.ema_moved), and the probe runs every `--probe_every` steps.
 
-The arms and settings live in bench/study_arms.py, one cell's run in bench/study_runs.py, the results
-file and the study's report in bench/study_results.py, the sweep and confirm tables in
+The arms and settings live in bench/study_arms.py, one cell's run in bench/study_runs.py (TRL's arm in
+bench/study_trl.py), the results file and the study's report in bench/study_results.py, the rate rule
+and the paired intervals in bench/study_selection.py, the sweep and confirm tables in
 bench/study_tables.py.
 """
 
@@ -124,17 +125,10 @@ from bench.study_results import (  # noqa: E402
     with_suffix,
     write_report,
 )
-from bench.study_runs import (  # noqa: E402
-    measure_base,
-    train_arm,
-    train_trl,
-    trl_arguments,
-    trl_dataset,
-    trl_policy,
-    trl_reward,
-)
+from bench.study_runs import measure_base, train_arm  # noqa: E402
 from bench.study_selection import chosen_rates, sweep_grid  # noqa: E402
 from bench.study_tables import write_tables  # noqa: E402
+from bench.study_trl import train_trl, trl_arguments, trl_dataset, trl_policy, trl_reward  # noqa: E402
 from popo_lite.config import FIELD_NAMES, Config, ConfigError, add_config_options, load_config  # noqa: E402
 from popo_lite.evaluation.benchmarks import load_benchmarks  # noqa: E402
 

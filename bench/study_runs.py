@@ -1,13 +1,13 @@
-"""One cell of the study, run and measured: the base measurement, a run of popo_lite's trainer, a run
-of TRL's GRPOTrainer, and the measurements they share (held-out greedy pass@1, pass@k, the probe, the
-EMA adapter). Each returns the cell's result dict, which bench/study_results.py stores.
+"""One cell of the study, run and measured: the base measurement, a run of popo_lite's trainer, and
+the measurements every run shares (held-out greedy pass@1, pass@k, the probe, the EMA adapter); TRL's
+GRPOTrainer arm is in bench/study_trl.py. Each returns the cell's result dict, which
+bench/study_results.py stores.
 """
 
 from __future__ import annotations
 
 import gc
 import json
-import math
 import shutil
 import statistics
 import time
@@ -22,8 +22,8 @@ from popo_lite.config import Config
 from popo_lite.core.logprobs import completion_stats
 from popo_lite.core.rewards import score
 from popo_lite.core.siamese import ema_forward
-from popo_lite.data.problems import Problem, format_prompt, training_problems
-from popo_lite.engine.model import load_base, lora_config
+from popo_lite.data.problems import format_prompt
+from popo_lite.engine.model import load_base
 from popo_lite.engine.rollouts import generate_rollouts
 from popo_lite.evaluation.benchmarks import evaluate_problems
 from popo_lite.training.session import seed_everything
@@ -155,7 +155,7 @@ def probe_scores(model, probe: dict, pad_id: int, config: Config) -> dict:
     }
 
 
-def _new_result(
+def new_result(
     study: Study, arm: str, seed: int | None, config: Config, learning_rate: float | None = None
 ) -> dict:
     cell = {} if learning_rate is None else {"learning_rate": learning_rate}  # the study's runs: no key
@@ -173,7 +173,7 @@ def _new_result(
     }
 
 
-def _curves_from_base(result: dict, base: dict) -> None:
+def curves_from_base(result: dict, base: dict) -> None:
     """Step 0 of every curve is the base's measurement: the untrained policy (LoRA B = 0) is the base."""
     result["eval_steps"] = [0]
     result["heldout_pass1"] = [base["greedy"]["pass@1"]]
@@ -192,7 +192,7 @@ def _record_probe(result: dict, step: int, scores: dict) -> None:
 def measure_base(study: Study) -> dict:
     """The base model (no adapter): greedy pass@1, pass@k, the probe and its scores."""
     config = study.config("base", 0)
-    result = _new_result(study, "base", None, config)
+    result = new_result(study, "base", None, config)
     started = time.perf_counter()
     seed_everything(0)
     model, tokenizer, _ = load_base(config)
@@ -215,7 +215,7 @@ def measure_base(study: Study) -> dict:
     result.update(timings, wall_seconds=time.perf_counter() - started)
     result["finished"] = datetime.now().isoformat(timespec="seconds")
     del model
-    _free()
+    free_memory()
     return result
 
 
@@ -252,7 +252,7 @@ def _due(study: Study, step: int) -> bool:
     return step == study.steps or (study.eval_every > 0 and step % study.eval_every == 0)
 
 
-def _measure_step(
+def measure_step(
     study: Study, result: dict, model, tokenizer, probe: dict, config: Config, step: int
 ) -> dict:
     """After optimizer step `step`: the probe, and the greedy evaluation when due; returns their seconds."""
@@ -271,7 +271,7 @@ def _measure_step(
     return seconds
 
 
-def _print_step(arm: str, seed: int, entry: dict, result: dict) -> None:
+def print_step(arm: str, seed: int, entry: dict, result: dict) -> None:
     probed = result["probe_steps"][-1] == entry["step"]
     pass1 = (
         f", held-out pass@1 {result['heldout_pass1'][-1]:.3f}"
@@ -294,7 +294,7 @@ def _print_step(arm: str, seed: int, entry: dict, result: dict) -> None:
     )
 
 
-def _final_evaluations(study: Study, result: dict, model, tokenizer, config: Config) -> None:
+def final_evaluations(study: Study, result: dict, model, tokenizer, config: Config) -> None:
     clock = time.perf_counter()
     passk = sampled_eval(model, tokenizer, study)
     if passk is not None:
@@ -323,227 +323,39 @@ def _final_evaluations(study: Study, result: dict, model, tokenizer, config: Con
 def train_arm(study: Study, arm: str, seed: int, base: dict, learning_rate: float | None = None) -> dict:
     """One run of popo_lite's trainer, measured after every step."""
     config = study.config(arm, seed, learning_rate)
-    _fresh_run_dir(study.runs_dir / config.run_name)
-    result = _new_result(study, arm, seed, config, learning_rate)
+    fresh_run_dir(study.runs_dir / config.run_name)
+    result = new_result(study, arm, seed, config, learning_rate)
     started = time.perf_counter()
     session = prepare(config)
     result["seconds_load"] = time.perf_counter() - started
     result["run_dir"] = str(session.run_dir)
-    _curves_from_base(result, base)
+    curves_from_base(result, base)
     tail = RolloutTail(session.run_dir / "rollouts.jsonl")
     for record in run(session):
         entry = _step_entry(record, tail.read())
         entry.update(
-            _measure_step(
+            measure_step(
                 study, result, session.model, session.tokenizer, base["probe"], config, entry["step"]
             )
         )
         result["steps"].append(entry)
-        _print_step(arm, seed, entry, result)
-    _final_evaluations(study, result, session.model, session.tokenizer, config)
+        print_step(arm, seed, entry, result)
+    final_evaluations(study, result, session.model, session.tokenizer, config)
     result["wall_seconds"] = time.perf_counter() - started
     result["finished"] = datetime.now().isoformat(timespec="seconds")
     del session
-    _free()
+    free_memory()
     return result
 
 
-def trl_policy(config: Config):
-    """The base with one LoRA adapter ("default", TRL's), initialised exactly as the trainer's "policy"
-    adapter for the same seed (same loader, same random draws; tested): (model, tokenizer, device)."""
-    from peft import get_peft_model
-
-    seed_everything(config.seed)  # as session.prepare does before it loads the model
-    base_model, tokenizer, device = load_base(config)
-    if config.gradient_checkpointing:  # as engine/model.attach_adapters
-        base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base_model.enable_input_require_grads()
-    model = get_peft_model(base_model, lora_config(config))
-    for name, param in model.named_parameters():
-        if "lora_" in name:
-            param.data = param.data.float()  # fp32 adapters, as popo_lite's (engine/model.py)
-    return model, tokenizer, device
-
-
-def trl_dataset(problems: list[Problem], config: Config, tokenizer):
-    """The training problems as TRL's prompt dataset, with the gold answer and question for the reward."""
-    from datasets import Dataset
-
-    return Dataset.from_list(
-        [
-            {
-                "prompt": format_prompt(p.problem, config.prompt_template, tokenizer),
-                "answer": p.answer,
-                "question": p.problem,
-            }
-            for p in problems
-        ]
-    )
-
-
-def trl_arguments(config: Config, run_dir: Path, seed: int, model, device: torch.device):
-    """TRL's GRPOConfig for popo_lite's GRPO step: the same rollouts, loss, KL, learning rate and schedule."""
-    from trl import GRPOConfig
-
-    rows = config.rollouts_per_step
-    per_device = (
-        config.micro_batch_size if rows % config.micro_batch_size == 0 else config.rollouts_per_prompt
-    )
-    dtype = next(p for n, p in model.named_parameters() if "lora_" not in n and p.is_floating_point()).dtype
-    warmup = math.ceil(config.warmup_ratio * config.steps)
-    schedule = (
-        "cosine" if config.lr_schedule == "cosine" else ("constant_with_warmup" if warmup else "constant")
-    )
-    return GRPOConfig(
-        output_dir=str(run_dir),
-        max_steps=config.steps,
-        learning_rate=config.learning_rate,
-        weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
-        lr_scheduler_type=schedule,
-        warmup_steps=warmup,
-        per_device_train_batch_size=per_device,
-        gradient_accumulation_steps=rows // per_device,
-        generation_batch_size=rows,  # one generation batch per optimizer step: on-policy
-        num_generations=config.rollouts_per_prompt,
-        max_completion_length=config.max_new_tokens,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        top_k=0,
-        beta=config.grpo_beta,
-        epsilon=config.grpo_clip_eps,
-        loss_type="grpo" if config.grpo_normalization == "sequence" else "dapo",
-        scale_rewards="group",
-        # TRL's default multiplies k3 by the ratio: 1 in value, but it adds beta * k3 * grad(logp) to the
-        # gradient; off, TRL's loss has popo_lite's GRPO gradient (tests/test_reference.py checks both).
-        use_bias_correction_kl=False,
-        num_iterations=1,
-        gradient_checkpointing=config.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=seed,
-        use_cpu=device.type == "cpu",
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        disable_tqdm=True,
-        remove_unused_columns=False,
-    )
-
-
-def trl_reward(rewards: list[tuple[float, int]]):
-    """The trainer's reward as a TRL reward function; appends (mean, positives) of each call to `rewards`."""
-
-    def correct(completions, answer, question, **kwargs):  # the question too, as the trainer's reward
-        values = [
-            score(text, gold, question=asked)[0]
-            for text, gold, asked in zip(completions, answer, question, strict=True)
-        ]
-        rewards.append((sum(values) / len(values), sum(value > 0 for value in values)))
-        return values
-
-    return correct
-
-
-def train_trl(study: Study, arm: str, seed: int, base: dict, learning_rate: float | None = None) -> dict:
-    """The same budget with TRL's GRPOTrainer, measured by the same code through a callback."""
-    from transformers import TrainerCallback
-    from transformers.trainer_callback import PrinterCallback
-    from trl import GRPOTrainer
-
-    config = study.config(arm, seed, learning_rate)
-    run_dir = study.runs_dir / config.run_name
-    _fresh_run_dir(run_dir)
-    run_dir.mkdir(parents=True)
-    config.save(run_dir / "config.yaml")
-    result = _new_result(study, arm, seed, config, learning_rate)
-    started = time.perf_counter()
-    model, tokenizer, device = trl_policy(config)
-    dataset = trl_dataset(training_problems(config), config, tokenizer)
-    rows = config.rollouts_per_step
-    args = trl_arguments(config, run_dir, seed, model, device)
-    rewards: list[tuple[float, int]] = []  # (mean, positives) per call = per step
-    correct = trl_reward(rewards)
-
-    class Timed(GRPOTrainer):
-        """Times generation + scoring and counts the rows with a nonzero advantage."""
-
-        study_seconds = 0.0
-        study_rows = 0
-
-        def _generate_and_score_completions(self, inputs):
-            clock = time.perf_counter()
-            batch = super()._generate_and_score_completions(inputs)
-            self.study_seconds += time.perf_counter() - clock
-            self.study_rows += int((batch["advantages"] != 0).sum())
-            return batch
-
-    class Measure(TrainerCallback):
-        def __init__(self) -> None:
-            self.trainer, self.started = None, 0.0
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.started = time.perf_counter()
-            self.trainer.study_seconds, self.trainer.study_rows = 0.0, 0
-
-        def on_step_end(self, args, state, control, **kwargs):
-            seconds = time.perf_counter() - self.started
-            trainer, step = self.trainer, state.global_step
-            mean, positives = rewards[-1]
-            entry = {
-                "step": step,
-                "algo": "grpo",
-                "reward_mean": mean,
-                "rollouts": rows,
-                "positives": positives,
-                "gradient_sequences": trainer.study_rows,
-                "seconds_step": seconds,
-                "seconds_generate": trainer.study_seconds,  # generation, reward and reference log-probs
-                "seconds_update": seconds - trainer.study_seconds,
-            }
-            entry.update(_measure_step(study, result, trainer.model, tokenizer, base["probe"], config, step))
-            result["steps"].append(entry)
-            _print_step(arm, seed, entry, result)
-
-    measure = Measure()
-    trainer = Timed(
-        model=model,
-        reward_funcs=correct,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        callbacks=[measure],
-    )
-    measure.trainer = trainer
-    trainer.remove_callback(PrinterCallback)  # the study prints its own line per step
-    result["seconds_load"] = time.perf_counter() - started
-    result["run_dir"] = str(run_dir)
-    _curves_from_base(result, base)
-    trainer.train()
-    logged = {log["step"]: log for log in trainer.state.log_history if "loss" in log}
-    names = {"loss": "loss", "kl": "kl", "grad_norm": "grad_norm", "learning_rate": "lr"}
-    names |= {"frac_reward_zero_std": "frac_reward_zero_std", "completions/mean_length": "completion_length"}
-    for entry in result["steps"]:
-        log = logged.get(entry["step"], {})
-        entry.update({ours: log[theirs] for theirs, ours in names.items() if log.get(theirs) is not None})
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in result["steps"]))
-    _final_evaluations(study, result, trainer.model, tokenizer, config)
-    result["wall_seconds"] = time.perf_counter() - started
-    result["finished"] = datetime.now().isoformat(timespec="seconds")
-    del trainer, model
-    _free()
-    return result
-
-
-def _fresh_run_dir(run_dir: Path) -> None:
+def fresh_run_dir(run_dir: Path) -> None:
     """A run directory left by a run that did not finish (it is not in the JSON): start it again."""
     if run_dir.exists():
         print(f"  removing {run_dir}: left by a run that did not finish", flush=True)
         shutil.rmtree(run_dir)
 
 
-def _free() -> None:
+def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
