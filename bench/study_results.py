@@ -1,6 +1,7 @@
 """The study's results file (bench/results/study.json) and the report rendered from it (study.md and
 the PNG figures): everything `bench/study.py` does with finished runs. Runs are plain dicts, one per
-(arm, seed), as `bench/study.py` records them; nothing here trains or evaluates.
+cell (arm, learning rate, seed; the 8-step study's store no rate), as bench/study_runs.py records
+them; nothing here trains or evaluates. The sweep's and confirm's tables are bench/study_tables.py.
 """
 
 from __future__ import annotations
