@@ -64,734 +64,98 @@ Output: --results PREFIX (default bench/results/study): PREFIX.json, PREFIX.md, 
 reward and held-out pass@1 by step), PREFIX-passk.png (pass@k against k, log scale), PREFIX-entropy.png
 (probe entropy and the implicit-negative diagnostic by step). Bands are mean +- one standard deviation
 over seeds. The runs' own directories go under --runs_dir (default bench/runs/study).
-The results file and everything rendered from it live in bench/study_results.py.
+
+The modes of issue 23 (`--mode`; each cell is (arm, learning rate, seed), resumable, and written to the
+JSON as soon as it finishes; two lanes with disjoint cells can share one JSON):
+
+    python bench/study.py --mode sweep --measure_base           # once, before the lanes
+    python bench/study.py --mode sweep --seeds 0                # lane 1: grpo popo psr x 5 rates, seed 0
+    python bench/study.py --mode sweep --seeds 1                # lane 2: the same, seed 1
+    python bench/study_tables.py --chosen                       # the rates the sweep chose
+    python bench/study.py --mode confirm --seeds 0 1 2          # each method at its chosen rate
+    python bench/study.py --mode ablations --seeds 0 1 2        # POPO's ablations at POPO's rate
+    python bench/study_tables.py                                # sweep.md and confirm.md from the JSON
+
+- sweep: grpo, popo, psr at 5e-5, 1e-4, 2e-4, 4e-4, 8e-4 (`--rates`), seeds 0 1, 24 steps; scored by
+  greedy pass@1 on the VALIDATION half of two_digit_sums' held-out sums (study_arms.split_heldout); no
+  pass@k. The rate is picked by bench/study_selection.py's SELECTION_RULE.
+- confirm: each method at its chosen rate (read from --sweep_results), seeds 0-4, 32 steps, greedy
+  pass@1 and pass@k (k up to 64) on the REPORTED half only, which the sweep never evaluates.
+- ablations: the POPO ablations and `nll-step` at POPO's chosen rate, seeds 0-2, into confirm's JSON
+  (its POPO seeds are the reference, run here too where confirm has not yet; the settings must match,
+  which the signature check enforces).
+In these modes POPO's tau is 0.5 ** (2 / steps) (the EMA's half-life is half the run), the EMA adapter
+is measured only where it moved (study_arms.ema_moved), and the probe runs every `--probe_every` steps.
+
+The arms and settings live in bench/study_arms.py, one cell's run in bench/study_runs.py (TRL's arm in
+bench/study_trl.py), the results file and the study's report in bench/study_results.py, the rate rule
+and the paired intervals in bench/study_selection.py, the sweep and confirm tables in
+bench/study_tables.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
-import json
-import math
-import shutil
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
-
-import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.study_arms import (  # noqa: E402
+    ARMS,
+    CPU_DEFAULTS,
+    GROUPS,
+    MODES,
+    SWEEP_RATES,
+    Study,
+    StudyError,
+    expand_arms,
+    split_heldout,
+    unavailable,
+)
 from bench.study_results import (  # noqa: E402
+    add_grid,
     add_run,
     base_verdict,
-    command_line,
-    device_name,
     find_run,
     load_results,
     with_suffix,
     write_report,
 )
+from bench.study_runs import measure_base, train_arm  # noqa: E402
+from bench.study_selection import chosen_rates, sweep_grid  # noqa: E402
+from bench.study_tables import write_tables  # noqa: E402
+from bench.study_trl import train_trl, trl_arguments, trl_dataset, trl_policy, trl_reward  # noqa: E402
 from popo_lite.config import FIELD_NAMES, Config, ConfigError, add_config_options, load_config  # noqa: E402
-from popo_lite.core.logprobs import completion_stats  # noqa: E402
-from popo_lite.core.rewards import score  # noqa: E402
-from popo_lite.core.siamese import ema_forward  # noqa: E402
-from popo_lite.data.problems import Problem, format_prompt, training_problems  # noqa: E402
-from popo_lite.engine.model import load_base, lora_config  # noqa: E402
-from popo_lite.engine.rollouts import generate_rollouts  # noqa: E402
-from popo_lite.evaluation.benchmarks import EvalSettings, evaluate_problems, load_benchmarks  # noqa: E402
-from popo_lite.training.session import seed_everything  # noqa: E402
-from popo_lite.training.trainer import prepare, run  # noqa: E402
-
-PROBE_SEED = 12345  # the probe's samples, as bench/learning.py draws its negatives
-
-# The CPU study (when no --config is given): the embedded default's sizes on two_digit_sums.
-CPU_DEFAULTS = {
-    "model": "embedded",
-    "dataset": "two_digit_sums",
-    "eval_benchmarks": ["two_digit_sums"],  # a synthetic set's test split: held out by operand
-    "eval_limit": 32,
-    "eval_every": 4,
-    "prompt_template": "chat",
-    "prompts_per_step": 8,
-    "rollouts_per_prompt": 8,
-    "max_new_tokens": 32,
-    "temperature": 0.7,
-    "steps": 8,
-    "learning_rate": 2e-4,
-    "micro_batch_size": 16,
-    "kl_every": 0,  # the KL(policy || EMA) monitor costs ~20 s a step on the CPU and is not a study result
-    "save_every": 0,  # one checkpoint, at the end
-}
-
-
-@dataclass(frozen=True)
-class Arm:
-    kind: str  # "base" (no training), "trainer" (popo_lite's trainer) or "trl" (TRL's GRPOTrainer)
-    about: str
-    overrides: dict = field(default_factory=dict)  # config keys on top of the study's
-    recipe: str | None = None  # a configs/ablations/*.yaml applied on top of the study's config
-
-
-ARMS: dict[str, Arm] = {
-    "base": Arm("base", "the base model, no training"),
-    "grpo": Arm("trainer", "GRPO (popo_lite)", {"algo": "grpo"}),
-    "popo": Arm("trainer", "POPO, defaults", {"algo": "popo"}),
-    "psr": Arm(
-        "trainer", "plain positive-only (PSR/RAFT-style)", recipe="configs/ablations/positive-only.yaml"
-    ),
-    "no-similarity": Arm("trainer", "POPO, alpha 0", recipe="configs/ablations/no-similarity.yaml"),
-    "no-ema": Arm("trainer", "POPO, tau 0", recipe="configs/ablations/no-ema.yaml"),
-    "no-entropy": Arm("trainer", "POPO, beta_entropy 0", recipe="configs/ablations/no-entropy.yaml"),
-    "weights-uniform": Arm(
-        "trainer", "POPO, uniform weights", recipe="configs/ablations/weights-uniform.yaml"
-    ),
-    "weights-sequence": Arm(
-        "trainer", "POPO, sequence weights", recipe="configs/ablations/weights-sequence.yaml"
-    ),
-    "trl-grpo": Arm("trl", "TRL's GRPOTrainer", {"algo": "grpo"}),
-}
-GROUPS = {
-    "main": ("base", "grpo", "popo", "psr"),
-    "ablations": ("no-similarity", "no-ema", "no-entropy", "weights-uniform", "weights-sequence"),
-    "all": tuple(ARMS),
-}
-# Config fields a run sets itself; the rest is the study's and identical across arms.
-RUN_FIELDS = ("seed", "run_name", "output_dir", "algo", "log_rollouts", "report_to", "save_every")
-# What the base measurement depends on (its signature): no training field.
-BASE_FIELDS = (
-    "model",
-    "gguf_file",
-    "qlora",
-    "dtype",
-    "device",
-    "trust_remote_code",
-    "eval_benchmarks",
-    "eval_limit",
-    "problem_field",
-    "answer_field",
-    "prompt_template",
-    "max_prompt_tokens",
-    "max_new_tokens",
-    "eval_max_new_tokens",
-    "temperature",
-    "top_p",
-    "generation_batch_size",  # the probe's samples
-)
-
-
-class StudyError(ValueError):
-    """The study's options or its results file are inconsistent; the message says what to do."""
-
-
-# ---- the study's settings -------------------------------------------------------------------------
-
-
-@dataclass
-class Study:
-    values: dict  # the common config (every field), before an arm's overrides
-    heldout: list[Problem]
-    samples: int  # n for pass@k
-    probe_prompts: int
-    probe_samples: int
-    probe_negatives: int
-    eval_batch_size: int
-    runs_dir: Path
-    results: Path  # prefix: .json, .md, -*.png
-
-    @property
-    def eval_every(self) -> int:
-        return self.values["eval_every"]
-
-    @property
-    def steps(self) -> int:
-        return self.values["steps"]
-
-    @property
-    def ks(self) -> tuple[int, ...]:
-        return tuple(k for k in (2**i for i in range(12)) if k <= self.samples)
-
-    def config(self, arm: str, seed: int) -> Config:
-        values = {**self.values, **arm_values(arm), "seed": seed}
-        values.update(
-            run_name=f"{arm}-seed{seed}",
-            output_dir=str(self.runs_dir),
-            eval_every=0,  # the study evaluates itself, on its own held-out set and cadence
-            log_rollouts=True,  # the gradient-carrying rows are read from rollouts.jsonl
-            report_to=[],
-        )
-        return Config(**values)
-
-    def signature(self, arm: str) -> dict:
-        """What a run's numbers depend on besides its seed; a stored run with another signature is stale."""
-        common = {k: v for k, v in self.values.items() if k not in RUN_FIELDS}
-        if ARMS[arm].kind == "base":
-            common = {k: common[k] for k in BASE_FIELDS}
-        else:
-            common.update(arm_values(arm))
-        study = {
-            "heldout_problems": len(self.heldout),
-            "samples": self.samples,
-            "probe": [self.probe_prompts, self.probe_samples, self.probe_negatives, PROBE_SEED],
-        }
-        return json.loads(json.dumps({**common, **study}))  # as stored: tuples become lists
-
-    def greedy_settings(self) -> EvalSettings:
-        return EvalSettings(
-            max_new_tokens=self.values["eval_max_new_tokens"] or self.values["max_new_tokens"],
-            prompt_template=self.values["prompt_template"],
-            batch_size=self.eval_batch_size,
-            max_prompt_tokens=self.values["max_prompt_tokens"],
-        )
-
-    def sampled_settings(self) -> EvalSettings:
-        return EvalSettings(
-            n=self.samples,
-            temperature=self.values["temperature"],
-            top_p=self.values["top_p"],
-            max_new_tokens=self.values["eval_max_new_tokens"] or self.values["max_new_tokens"],
-            prompt_template=self.values["prompt_template"],
-            batch_size=self.eval_batch_size,
-            ks=self.ks,
-            max_prompt_tokens=self.values["max_prompt_tokens"],
-            seed=0,  # the same samples' seeds for every arm: common random numbers
-        )
-
-
-def arm_values(arm: str) -> dict:
-    """The config keys an arm sets on top of the study's: its overrides, then its recipe file's keys."""
-    spec = ARMS[arm]
-    values = {"algo": "popo"} if spec.kind == "trainer" else {}
-    values.update(spec.overrides)
-    if spec.recipe is not None:
-        loaded = yaml.safe_load((ROOT / spec.recipe).read_text()) or {}
-        unknown = [key for key in loaded if key not in FIELD_NAMES]
-        if unknown:
-            raise StudyError(f"{spec.recipe}: unknown config keys {unknown}")
-        values.update(loaded)
-    return values
-
-
-def expand_arms(names: list[str]) -> list[str]:
-    arms: list[str] = []
-    for name in names:
-        for arm in GROUPS.get(name, (name,)):
-            if arm not in ARMS:
-                raise StudyError(f"unknown arm {arm!r}: use {', '.join(ARMS)} or {', '.join(GROUPS)}")
-            if arm not in arms:
-                arms.append(arm)
-    return arms
-
-
-# ---- measurements -------------------------------------------------------------------------------
-
-
-def greedy_eval(model, tokenizer, study: Study) -> dict:
-    result = evaluate_problems(model, tokenizer, study.heldout, study.greedy_settings(), name="heldout")
-    return {
-        "pass@1": result["score"],
-        "correct": result["correct"],
-        "problems": result["problems"],
-        "cut_rate": result["cut_rate"],
-        "mean_tokens": result["mean_tokens"],
-    }
-
-
-def sampled_eval(model, tokenizer, study: Study) -> dict:
-    """pass@k for k = 1, 2, 4, ..., n from n samples per held-out problem at the training temperature."""
-    result = evaluate_problems(model, tokenizer, study.heldout, study.sampled_settings(), name="heldout")
-    return {
-        "samples": study.samples,
-        **{f"pass@{k}": result[f"pass@{k}"] for k in study.ks},
-        "num_correct": [record["num_correct"] for record in result["records"]],
-        "cut_rate": result["cut_rate"],
-        "mean_tokens": result["mean_tokens"],
-    }
-
-
-def _cuda_devices(model) -> list[int]:
-    device = next(model.parameters()).device
-    return [device.index or 0] if device.type == "cuda" else []
-
-
-def build_probe(model, tokenizer, study: Study, config: Config) -> dict:
-    """Completions sampled once from the base on the first held-out prompts, kept as token ids."""
-    problems = study.heldout[: study.probe_prompts]
-    prompts = [format_prompt(p.problem, config.prompt_template, tokenizer) for p in problems]
-    with torch.random.fork_rng(devices=_cuda_devices(model)):
-        torch.manual_seed(PROBE_SEED)
-        rollouts = generate_rollouts(
-            model,
-            tokenizer,
-            prompts,
-            study.probe_samples,
-            config.max_new_tokens,
-            config.temperature,
-            config.top_p,
-            config.max_prompt_tokens,
-            config.generation_batch_size,
-        )
-    rows, negatives = [], 0
-    for i, text in enumerate(rollouts.texts):
-        problem = problems[i // study.probe_samples]
-        value, _ = score(text, problem.answer)
-        length = int(rollouts.completion_mask[i].sum())
-        negative = value == 0 and negatives < study.probe_negatives and length > 0
-        negatives += negative
-        rows.append(
-            {
-                "problem": problem.id,
-                "reward": value,
-                "negative": negative,
-                "prompt_ids": rollouts.prompt_ids[i][rollouts.prompt_mask[i].bool()].tolist(),
-                "completion_ids": rollouts.completion_ids[i, :length].tolist(),
-                "completion": text,
-            }
-        )
-    return {"rows": rows, "negatives": negatives, "positives": sum(row["reward"] > 0 for row in rows)}
-
-
-def _probe_batch(
-    rows: list[dict], pad_id: int, device
-) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
-    """input_ids, attention_mask, prompt width, completion mask: prompts left-, completions right-padded."""
-    width = max(len(row["prompt_ids"]) for row in rows)
-    length = max(len(row["completion_ids"]) for row in rows)
-    ids = torch.full((len(rows), width + length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width + length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        prompt, completion = row["prompt_ids"], row["completion_ids"]
-        ids[i, width - len(prompt) : width] = torch.tensor(prompt)
-        ids[i, width : width + len(completion)] = torch.tensor(completion)
-        mask[i, width - len(prompt) : width + len(completion)] = 1
-    return ids.to(device), mask.to(device), width, mask[:, width:].to(device)
-
-
-@torch.no_grad()
-def probe_scores(model, probe: dict, pad_id: int, config: Config) -> dict:
-    """Under the model's active adapter, along the probe's fixed completions: the mean token entropy of
-    the next-token distribution (all rows), the mean token log-prob of the wrong rows and of the right ones
-    (each a mean over rows of the row's mean over its tokens), at the training temperature."""
-    rows = [row for row in probe["rows"] if row["completion_ids"]]
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    entropy_sum, tokens, negative, positive = 0.0, 0.0, [], []
-    try:
-        for first in range(0, len(rows), config.micro_batch_size):
-            chunk = rows[first : first + config.micro_batch_size]
-            input_ids, attention_mask, width, completion_mask = _probe_batch(chunk, pad_id, device)
-            stats = completion_stats(
-                model,
-                input_ids,
-                attention_mask,
-                width,
-                completion_mask,
-                config.temperature,
-                with_entropy=True,
-            )
-            mask = completion_mask.float()
-            entropy_sum += float((stats.entropy.float() * mask).sum())
-            tokens += float(mask.sum())
-            means = ((stats.logprobs.float() * mask).sum(1) / mask.sum(1)).tolist()
-            for row, mean in zip(chunk, means, strict=True):
-                if row["negative"]:
-                    negative.append(mean)
-                elif row["reward"] > 0:
-                    positive.append(mean)
-    finally:
-        model.train(was_training)
-    return {
-        "entropy": entropy_sum / max(tokens, 1.0),
-        "negative_logprob": statistics.mean(negative) if negative else None,
-        "positive_logprob": statistics.mean(positive) if positive else None,
-    }
-
-
-def _new_result(study: Study, arm: str, seed: int | None, config: Config) -> dict:
-    return {
-        "arm": arm,
-        "seed": seed,
-        "about": ARMS[arm].about,
-        "signature": study.signature(arm),
-        "config": config.to_dict(),
-        "started": datetime.now().isoformat(timespec="seconds"),
-        "command": command_line(),
-        "device": device_name(),
-    }
-
-
-def _curves_from_base(result: dict, base: dict) -> None:
-    """Step 0 of every curve is the base's measurement: the untrained policy (LoRA B = 0) is the base."""
-    result["eval_steps"] = [0]
-    result["heldout_pass1"] = [base["greedy"]["pass@1"]]
-    result["probe_steps"] = [0]
-    for key in ("entropy", "negative_logprob", "positive_logprob"):
-        result[key] = [base[key][0]]
-    result["steps"] = []
-
-
-def _record_probe(result: dict, step: int, scores: dict) -> None:
-    result["probe_steps"].append(step)
-    for key, value in scores.items():
-        result[key].append(value)
-
-
-def measure_base(study: Study) -> dict:
-    """The base model (no adapter): greedy pass@1, pass@k, the probe and its scores."""
-    config = study.config("base", 0)
-    result = _new_result(study, "base", None, config)
-    started = time.perf_counter()
-    seed_everything(0)
-    model, tokenizer, _ = load_base(config)
-    timings = {"seconds_load": time.perf_counter() - started}
-    clock = time.perf_counter()
-    greedy = greedy_eval(model, tokenizer, study)
-    timings["seconds_greedy"] = time.perf_counter() - clock
-    clock = time.perf_counter()
-    result["passk"] = sampled_eval(model, tokenizer, study)
-    timings["seconds_passk"] = time.perf_counter() - clock
-    clock = time.perf_counter()
-    probe = build_probe(model, tokenizer, study, config)
-    scores = probe_scores(model, probe, tokenizer.pad_token_id, config)
-    timings["seconds_probe"] = time.perf_counter() - clock
-    result.update(greedy=greedy, eval_steps=[0], heldout_pass1=[greedy["pass@1"]], probe=probe)
-    result["probe_steps"] = [0]
-    result.update({key: [value] for key, value in scores.items()})
-    result.update(timings, wall_seconds=time.perf_counter() - started)
-    result["finished"] = datetime.now().isoformat(timespec="seconds")
-    del model
-    _free()
-    return result
-
-
-class RolloutTail:
-    """The rows of rollouts.jsonl appended since the last read (the run writes them as each step ends)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.offset = path, 0
-
-    def read(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        with open(self.path) as handle:
-            handle.seek(self.offset)
-            lines = handle.readlines()
-            self.offset = handle.tell()
-        return [json.loads(line) for line in lines if line.strip()]
-
-
-def _step_entry(record: dict, rows: list[dict]) -> dict:
-    entry = {
-        key: value
-        for key, value in record.items()
-        if isinstance(value, (int, float, str)) and key not in ("run_dir", "checkpoint")
-    }
-    rows = [row for row in rows if row["step"] == record["step"]]
-    entry["rollouts"] = len(rows)
-    entry["positives"] = sum(row["reward"] > 0 for row in rows)
-    entry["gradient_sequences"] = sum(row["weight"] != 0 for row in rows)  # POPO weight / GRPO advantage
-    return entry
-
-
-def _due(study: Study, step: int) -> bool:
-    return step == study.steps or (study.eval_every > 0 and step % study.eval_every == 0)
-
-
-def _measure_step(
-    study: Study, result: dict, model, tokenizer, probe: dict, config: Config, step: int
-) -> dict:
-    """After optimizer step `step`: the probe, and the greedy evaluation when due; returns their seconds."""
-    clock = time.perf_counter()
-    _record_probe(result, step, probe_scores(model, probe, tokenizer.pad_token_id, config))
-    seconds = {"seconds_probe": time.perf_counter() - clock}
-    if _due(study, step):
-        clock = time.perf_counter()
-        greedy = greedy_eval(model, tokenizer, study)
-        result["eval_steps"].append(step)
-        result["heldout_pass1"].append(greedy["pass@1"])
-        result["greedy"] = greedy
-        seconds["seconds_eval"] = time.perf_counter() - clock
-    return seconds
-
-
-def _print_step(arm: str, seed: int, entry: dict, result: dict) -> None:
-    pass1 = (
-        f", held-out pass@1 {result['heldout_pass1'][-1]:.3f}"
-        if result["eval_steps"][-1] == entry["step"]
-        else ""
-    )
-    negative = result["negative_logprob"][-1]
-    print(
-        f"  {arm} seed {seed} step {entry['step']}: reward {entry['reward_mean']:.3f}, "
-        f"{entry['gradient_sequences']} sequences with gradient, entropy {result['entropy'][-1]:.3f}, "
-        f"negative log-prob {negative if negative is None else round(negative, 4)}{pass1}, "
-        f"{entry.get('seconds_step', 0.0):.0f} s",
-        flush=True,
-    )
-
-
-def _final_evaluations(study: Study, result: dict, model, tokenizer, config: Config) -> None:
-    clock = time.perf_counter()
-    result["passk"] = sampled_eval(model, tokenizer, study)
-    result["seconds_passk"] = time.perf_counter() - clock
-    if config.algo != "popo" or ARMS[result["arm"]].kind != "trainer":
-        return
-    if config.tau == 0:  # xi <- 0 * xi + 1 * theta after every step: the EMA adapter is the policy
-        result["ema"] = {"same_as_policy": True}
-        return
-    clock = time.perf_counter()
-    with torch.no_grad(), ema_forward(model):
-        result["ema"] = {
-            "greedy": greedy_eval(model, tokenizer, study),
-            "passk": sampled_eval(model, tokenizer, study),
-        }
-    result["seconds_ema_eval"] = time.perf_counter() - clock
-
-
-def train_arm(study: Study, arm: str, seed: int, base: dict) -> dict:
-    """One run of popo_lite's trainer, measured after every step."""
-    config = study.config(arm, seed)
-    _fresh_run_dir(study.runs_dir / config.run_name)
-    result = _new_result(study, arm, seed, config)
-    started = time.perf_counter()
-    session = prepare(config)
-    result["seconds_load"] = time.perf_counter() - started
-    result["run_dir"] = str(session.run_dir)
-    _curves_from_base(result, base)
-    tail = RolloutTail(session.run_dir / "rollouts.jsonl")
-    for record in run(session):
-        entry = _step_entry(record, tail.read())
-        entry.update(
-            _measure_step(
-                study, result, session.model, session.tokenizer, base["probe"], config, entry["step"]
-            )
-        )
-        result["steps"].append(entry)
-        _print_step(arm, seed, entry, result)
-    _final_evaluations(study, result, session.model, session.tokenizer, config)
-    result["wall_seconds"] = time.perf_counter() - started
-    result["finished"] = datetime.now().isoformat(timespec="seconds")
-    del session
-    _free()
-    return result
-
-
-def trl_policy(config: Config):
-    """The base with one LoRA adapter ("default", TRL's), initialised exactly as the trainer's "policy"
-    adapter for the same seed (same loader, same random draws; tested): (model, tokenizer, device)."""
-    from peft import get_peft_model
-
-    seed_everything(config.seed)  # as session.prepare does before it loads the model
-    base_model, tokenizer, device = load_base(config)
-    if config.gradient_checkpointing:  # as engine/model.attach_adapters
-        base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base_model.enable_input_require_grads()
-    model = get_peft_model(base_model, lora_config(config))
-    for name, param in model.named_parameters():
-        if "lora_" in name:
-            param.data = param.data.float()  # fp32 adapters, as popo_lite's (engine/model.py)
-    return model, tokenizer, device
-
-
-def trl_dataset(problems: list[Problem], config: Config, tokenizer):
-    """The training problems as TRL's prompt dataset, with the gold answer and question for the reward."""
-    from datasets import Dataset
-
-    return Dataset.from_list(
-        [
-            {
-                "prompt": format_prompt(p.problem, config.prompt_template, tokenizer),
-                "answer": p.answer,
-                "question": p.problem,
-            }
-            for p in problems
-        ]
-    )
-
-
-def trl_arguments(config: Config, run_dir: Path, seed: int, model, device: torch.device):
-    """TRL's GRPOConfig for popo_lite's GRPO step: the same rollouts, loss, KL, learning rate and schedule."""
-    from trl import GRPOConfig
-
-    rows = config.rollouts_per_step
-    per_device = (
-        config.micro_batch_size if rows % config.micro_batch_size == 0 else config.rollouts_per_prompt
-    )
-    dtype = next(p for n, p in model.named_parameters() if "lora_" not in n and p.is_floating_point()).dtype
-    warmup = math.ceil(config.warmup_ratio * config.steps)
-    schedule = (
-        "cosine" if config.lr_schedule == "cosine" else ("constant_with_warmup" if warmup else "constant")
-    )
-    return GRPOConfig(
-        output_dir=str(run_dir),
-        max_steps=config.steps,
-        learning_rate=config.learning_rate,
-        weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
-        lr_scheduler_type=schedule,
-        warmup_steps=warmup,
-        per_device_train_batch_size=per_device,
-        gradient_accumulation_steps=rows // per_device,
-        generation_batch_size=rows,  # one generation batch per optimizer step: on-policy
-        num_generations=config.rollouts_per_prompt,
-        max_completion_length=config.max_new_tokens,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        top_k=0,
-        beta=config.grpo_beta,
-        epsilon=config.grpo_clip_eps,
-        loss_type="grpo" if config.grpo_normalization == "sequence" else "dapo",
-        scale_rewards="group",
-        # TRL's default multiplies k3 by the ratio: 1 in value, but it adds beta * k3 * grad(logp) to the
-        # gradient; off, TRL's loss has popo_lite's GRPO gradient (tests/test_reference.py checks both).
-        use_bias_correction_kl=False,
-        num_iterations=1,
-        gradient_checkpointing=config.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=seed,
-        use_cpu=device.type == "cpu",
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        disable_tqdm=True,
-        remove_unused_columns=False,
-    )
-
-
-def trl_reward(rewards: list[tuple[float, int]]):
-    """The trainer's reward as a TRL reward function; appends (mean, positives) of each call to `rewards`."""
-
-    def correct(completions, answer, question, **kwargs):  # the question too, as the trainer's reward
-        values = [
-            score(text, gold, question=asked)[0]
-            for text, gold, asked in zip(completions, answer, question, strict=True)
-        ]
-        rewards.append((sum(values) / len(values), sum(value > 0 for value in values)))
-        return values
-
-    return correct
-
-
-def train_trl(study: Study, arm: str, seed: int, base: dict) -> dict:
-    """The same budget with TRL's GRPOTrainer, measured by the same code through a callback."""
-    from transformers import TrainerCallback
-    from transformers.trainer_callback import PrinterCallback
-    from trl import GRPOTrainer
-
-    config = study.config(arm, seed)
-    run_dir = study.runs_dir / config.run_name
-    _fresh_run_dir(run_dir)
-    run_dir.mkdir(parents=True)
-    config.save(run_dir / "config.yaml")
-    result = _new_result(study, arm, seed, config)
-    started = time.perf_counter()
-    model, tokenizer, device = trl_policy(config)
-    dataset = trl_dataset(training_problems(config), config, tokenizer)
-    rows = config.rollouts_per_step
-    args = trl_arguments(config, run_dir, seed, model, device)
-    rewards: list[tuple[float, int]] = []  # (mean, positives) per call = per step
-    correct = trl_reward(rewards)
-
-    class Timed(GRPOTrainer):
-        """Times generation + scoring and counts the rows with a nonzero advantage."""
-
-        study_seconds = 0.0
-        study_rows = 0
-
-        def _generate_and_score_completions(self, inputs):
-            clock = time.perf_counter()
-            batch = super()._generate_and_score_completions(inputs)
-            self.study_seconds += time.perf_counter() - clock
-            self.study_rows += int((batch["advantages"] != 0).sum())
-            return batch
-
-    class Measure(TrainerCallback):
-        def __init__(self) -> None:
-            self.trainer, self.started = None, 0.0
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.started = time.perf_counter()
-            self.trainer.study_seconds, self.trainer.study_rows = 0.0, 0
-
-        def on_step_end(self, args, state, control, **kwargs):
-            seconds = time.perf_counter() - self.started
-            trainer, step = self.trainer, state.global_step
-            mean, positives = rewards[-1]
-            entry = {
-                "step": step,
-                "algo": "grpo",
-                "reward_mean": mean,
-                "rollouts": rows,
-                "positives": positives,
-                "gradient_sequences": trainer.study_rows,
-                "seconds_step": seconds,
-                "seconds_generate": trainer.study_seconds,  # generation, reward and reference log-probs
-                "seconds_update": seconds - trainer.study_seconds,
-            }
-            entry.update(_measure_step(study, result, trainer.model, tokenizer, base["probe"], config, step))
-            result["steps"].append(entry)
-            _print_step(arm, seed, entry, result)
-
-    measure = Measure()
-    trainer = Timed(
-        model=model,
-        reward_funcs=correct,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        callbacks=[measure],
-    )
-    measure.trainer = trainer
-    trainer.remove_callback(PrinterCallback)  # the study prints its own line per step
-    result["seconds_load"] = time.perf_counter() - started
-    result["run_dir"] = str(run_dir)
-    _curves_from_base(result, base)
-    trainer.train()
-    logged = {log["step"]: log for log in trainer.state.log_history if "loss" in log}
-    names = {"loss": "loss", "kl": "kl", "grad_norm": "grad_norm", "learning_rate": "lr"}
-    names |= {"frac_reward_zero_std": "frac_reward_zero_std", "completions/mean_length": "completion_length"}
-    for entry in result["steps"]:
-        log = logged.get(entry["step"], {})
-        entry.update({ours: log[theirs] for theirs, ours in names.items() if log.get(theirs) is not None})
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in result["steps"]))
-    _final_evaluations(study, result, trainer.model, tokenizer, config)
-    result["wall_seconds"] = time.perf_counter() - started
-    result["finished"] = datetime.now().isoformat(timespec="seconds")
-    del trainer, model
-    _free()
-    return result
-
-
-def _fresh_run_dir(run_dir: Path) -> None:
-    """A run directory left by a run that did not finish (it is not in the JSON): start it again."""
-    if run_dir.exists():
-        print(f"  removing {run_dir}: left by a run that did not finish", flush=True)
-        shutil.rmtree(run_dir)
-
-
-def _free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-# ---- the results file ---------------------------------------------------------------------------
+from popo_lite.evaluation.benchmarks import load_benchmarks  # noqa: E402
+
+# what tests and bench/step_cost.py import from here
+__all__ = [
+    "ARMS",
+    "CPU_DEFAULTS",
+    "StudyError",
+    "add_run",
+    "expand_arms",
+    "load_results",
+    "main",
+    "parser",
+    "trl_arguments",
+    "trl_dataset",
+    "trl_policy",
+    "trl_reward",
+]
+MIN_REPORTED = 96  # issue 23 item 3: at least 96 reported held-out problems
 
 
 def check_signatures(results: dict, study: Study, path: Path) -> None:
-    """Refuse to mix runs measured with other settings into this study."""
+    """Refuse to mix cells measured with other settings into this study."""
     for stored in results["runs"]:
         if stored["arm"] not in ARMS:
             continue
-        expected = study.signature(stored["arm"])
+        expected = study.signature(stored["arm"], stored.get("learning_rate"))
         if stored.get("signature") != expected:
             old = stored.get("signature") or {}
             changed = sorted(
@@ -808,7 +172,7 @@ def check_signatures(results: dict, study: Study, path: Path) -> None:
 
 # ---- the command line ---------------------------------------------------------------------------
 
-BUDGET = {  # study options that are config fields: None = from --config, or the CPU default
+BUDGET = {  # study options that are config fields: None = the mode's, the --config file's or the CPU default
     "steps": (int, "optimizer steps per run"),
     "max_new_tokens": (int, "longest completion, in tokens (training and evaluation)"),
     "prompts_per_step": (int, "prompts per optimizer step"),
@@ -823,8 +187,25 @@ def parser() -> argparse.ArgumentParser:
     )
     add_config_options(described)  # every config field; the study's own options below replace some
     study = described.add_argument_group("study")
-    study.add_argument("--arms", nargs="+", default=["main"], help=f"arms, or groups {list(GROUPS)}")
-    study.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    study.add_argument(
+        "--mode",
+        choices=list(MODES),
+        default="study",
+        help="; ".join(f"{k}: {m.about}" for k, m in MODES.items()),
+    )
+    study.add_argument("--arms", nargs="+", help=f"arms, or groups {list(GROUPS)} (default: the mode's)")
+    study.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the mode's)")
+    study.add_argument(
+        "--rates",
+        type=float,
+        nargs="+",
+        help=f"sweep: learning rates (default {' '.join(map(str, SWEEP_RATES))})",
+    )
+    study.add_argument(
+        "--sweep_results",
+        default=str(ROOT / "bench" / "results" / "sweep.json"),
+        help="confirm, ablations: the sweep whose chosen rates they run at",
+    )
     study.add_argument("--config", help="a recipe to start from instead of the CPU defaults")
     study.add_argument(
         "--task", help="training set and held-out set: a bundled synthetic name or a local file"
@@ -832,12 +213,20 @@ def parser() -> argparse.ArgumentParser:
     study.add_argument("--heldout_benchmark", help="held-out set (default: the task's test split)")
     from_file = "default: the --config file's, else"
     study.add_argument(
-        "--heldout", type=int, help=f"held-out problems ({from_file} {CPU_DEFAULTS['eval_limit']})"
+        "--heldout",
+        type=int,
+        help=f"held-out problems ({from_file} {CPU_DEFAULTS['eval_limit']}; sweep, confirm: all of the part)",
     )
     for name, (kind, help_text) in BUDGET.items():
         study.add_argument(f"--{name}", type=kind, help=f"{help_text} ({from_file} {CPU_DEFAULTS[name]})")
+    study.add_argument(
+        "--samples", type=int, help="samples per held-out problem for pass@k, 0: none (mode's)"
+    )
+    study.add_argument("--probe_every", type=int, help="probe every N steps and at the end (default: mode's)")
+    study.add_argument(
+        "--ema_passk", action="store_true", help="the EMA adapter's pass@k too (default: greedy pass@1 only)"
+    )
     options = [
-        ("--samples", 16, "samples per held-out problem for pass@k"),
         ("--probe_prompts", 16, "held-out prompts of the probe"),
         ("--probe_samples", 4, "base samples per probe prompt"),
         ("--probe_negatives", 32, "wrong probe completions kept, at most"),
@@ -848,18 +237,27 @@ def parser() -> argparse.ArgumentParser:
     study.add_argument(
         "--measure_base", action="store_true", help="measure the base only; does the task fit?"
     )
-    study.add_argument("--report", action="store_true", help="only render the Markdown and figures")
-    study.add_argument("--results", default=str(ROOT / "bench" / "results" / "study"), help="output prefix")
-    study.add_argument("--runs_dir", default=str(ROOT / "bench" / "runs" / "study"), help="runs' folders")
+    study.add_argument("--report", action="store_true", help="only render the Markdown (and figures)")
+    study.add_argument("--results", help="output prefix (default bench/results/<the mode's name>)")
+    study.add_argument("--runs_dir", help="runs' folders (default bench/runs/<mode>)")
     for name in ("seed", "run_name", "output_dir", "algo"):
         study.add_argument(f"--{name}", help=argparse.SUPPRESS, default=argparse.SUPPRESS)
     return described
+
+
+def heldout_part(problems: list, part: str, limit: int | None) -> list:
+    """The mode's held-out problems: the first `limit`, or the first `limit` of one half."""
+    if part != "first":
+        validation, reported = split_heldout(problems)
+        problems = validation if part == "validation" else reported
+    return problems[:limit] if limit is not None else problems
 
 
 def build_study(args: argparse.Namespace) -> Study:
     for name in ("seed", "run_name", "output_dir", "algo"):
         if hasattr(args, name):
             raise StudyError(f"--{name} is set by the study for each run (use --seeds / --arms / --runs_dir)")
+    mode = MODES[args.mode]
     base = load_config(args.config, None if args.config else CPU_DEFAULTS)
     values = base.to_dict()
     if args.task:
@@ -868,78 +266,162 @@ def build_study(args: argparse.Namespace) -> Study:
     values.update(config_options)
     if args.heldout_benchmark:
         values["eval_benchmarks"] = [args.heldout_benchmark]
+    if mode.part != "first":
+        values["eval_limit"] = None  # the whole half, unless --heldout
     if args.heldout is not None:
         values["eval_limit"] = args.heldout
+    values.update(
+        {k: v for k, v in (("steps", mode.steps), ("eval_every", mode.eval_every)) if v is not None}
+    )
     values.update({k: getattr(args, k) for k in BUDGET if getattr(args, k) is not None})
     Config(**values)  # a bad value stops here, naming the field
     if not values["eval_benchmarks"]:
         raise StudyError("no held-out set: give --heldout_benchmark or eval_benchmarks in the --config file")
     name = values["eval_benchmarks"][0]
-    heldout = load_benchmarks(
+    problems = load_benchmarks(
         [name],
-        limit=values["eval_limit"],
+        limit=values["eval_limit"] if mode.part == "first" else None,
         problem_field=values["problem_field"],
         answer_field=values["answer_field"],
     )[name]
-    if args.samples < 1:
-        raise StudyError("--samples must be >= 1")
+    heldout = heldout_part(problems, mode.part, values["eval_limit"])
+    samples = mode.samples if args.samples is None else args.samples
+    if samples < 0 or (samples == 0 and args.mode == "study"):
+        raise StudyError("--samples must be >= 1 (>= 0 in the sweep)")
+    if mode.part == "reported" and len(heldout) < MIN_REPORTED:
+        print(f"warning: {len(heldout)} reported held-out problems, fewer than {MIN_REPORTED}", flush=True)
+    prefix = Path(args.results) if args.results else ROOT / "bench" / "results" / mode.results
     return Study(
         values=values,
         heldout=heldout,
-        samples=args.samples,
+        samples=samples,
         probe_prompts=args.probe_prompts,
         probe_samples=args.probe_samples,
         probe_negatives=args.probe_negatives,
         eval_batch_size=args.eval_batch_size,
-        runs_dir=Path(args.runs_dir),
-        results=Path(args.results),
+        runs_dir=Path(args.runs_dir) if args.runs_dir else ROOT / "bench" / "runs" / args.mode,
+        results=prefix,
+        mode=args.mode,
+        part=mode.part,
+        half_life=mode.half_life_tau,
+        probe_every=args.probe_every or mode.probe_every,
+        ema_passk=mode.ema_passk or args.ema_passk,
     )
+
+
+def cell_rates(args: argparse.Namespace, arms: list[str]) -> dict[str, list[float | None]]:
+    """The learning rates each arm runs at: the study's one (None: the config's), the sweep's grid, or
+    the sweep's chosen rate (POPO's for every ablation)."""
+    if args.mode == "study":
+        return {arm: [None] for arm in arms}
+    if args.mode == "sweep":
+        return {arm: list(args.rates or SWEEP_RATES) for arm in arms}
+    sweep = load_results(Path(args.sweep_results))
+    rates, seeds = sweep_grid(sweep)
+    chosen = chosen_rates(sweep["runs"], ["grpo", "popo", "psr"], rates, seeds)
+    wanted = {arm: (arm if args.mode == "confirm" else "popo") for arm in arms}
+    missing = sorted({source for source in wanted.values() if chosen.get(source) is None})
+    if missing:
+        raise StudyError(
+            f"{args.sweep_results}: no chosen rate for {', '.join(missing)} (the sweep is not complete "
+            f"for it: every rate x seed {seeds} is needed); finish the sweep first"
+        )
+    return {arm: [chosen[source]] for arm, source in wanted.items()}
+
+
+def _describe(arm: str, rate: float | None, seed: int | None) -> str:
+    return arm + ("" if rate is None else f" lr {rate:g}") + ("" if seed is None else f" seed {seed}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    mode = MODES[args.mode]
     try:
         study = build_study(args)
-        arms = expand_arms(args.arms)
+        arms = expand_arms(args.arms or list(mode.arms))
+        seeds = args.seeds if args.seeds is not None else list(mode.seeds)
     except (StudyError, ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     path = with_suffix(study.results, ".json")
     results = load_results(path)
+    results.setdefault("mode", args.mode)
     try:
         check_signatures(results, study, path)
+        shared = {"confirm", "ablations"}  # one file: the ablations' POPO reference is confirm's POPO
+        if results["mode"] != args.mode and not {results["mode"], args.mode} <= shared:
+            raise StudyError(f"{path} holds a {results['mode']} study, not a {args.mode} one")
     except StudyError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    for arm in list(arms):
+        reason = unavailable(arm)
+        if reason:
+            print(reason, flush=True)
+            arms.remove(arm)
     if args.measure_base:
         arms = ["base"]
     if not args.report:
-        todo = [("base", None)] if find_run(results, "base", None) is None else []
-        todo += [
-            (arm, seed)
-            for seed in args.seeds
-            for arm in arms
-            if arm != "base" and find_run(results, arm, seed) is None
+        try:
+            rates = cell_rates(args, [arm for arm in arms if arm != "base"])
+        except StudyError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        if args.mode == "sweep":  # the planned grid: what "complete" means for the rule, whatever lane
+            add_grid(path, results, list(args.rates or SWEEP_RATES), sorted({*seeds, *mode.seeds}))
+        # rate by rate across the arms, so a lane stopped early leaves every method equally far along
+        trained = [arm for arm in arms if arm != "base"]
+        width = max((len(rates[arm]) for arm in trained), default=0)
+        cells = [
+            (arm, rates[arm][i], seed)
+            for seed in seeds
+            for i in range(width)
+            for arm in trained
+            if i < len(rates[arm])
         ]
-        skipped = (len(arms) - ("base" in arms)) * len(args.seeds) + 1 - len(todo)
-        print(f"study: {len(todo)} runs to do, {skipped} already in {path}", flush=True)
-        for number, (arm, seed) in enumerate(todo, 1):
-            print(f"[{number}/{len(todo)}] {arm}" + ("" if seed is None else f" seed {seed}"), flush=True)
+        todo = [("base", None, None), *cells]
+        done = [cell for cell in todo if find_run(results, cell[0], cell[2], cell[1]) is not None]
+        todo = [cell for cell in todo if cell not in done]
+        print(f"study ({args.mode}): {len(todo)} cells to do, {len(done)} already in {path}", flush=True)
+        wall: list[float] = []
+        for number, (arm, rate, seed) in enumerate(todo, 1):
+            results["runs"] = load_results(path)["runs"] or results["runs"]  # what other lanes finished
+            if find_run(results, arm, seed, rate) is not None:
+                print(
+                    f"[{number}/{len(todo)}] {_describe(arm, rate, seed)}: done by another lane", flush=True
+                )
+                continue
+            eta = (
+                f"; about {statistics.mean(wall) * (len(todo) - number + 1) / 60:.0f} min left"
+                if wall
+                else ""
+            )
+            print(f"[{number}/{len(todo)}] {args.mode}: {_describe(arm, rate, seed)}{eta}", flush=True)
+            started = time.perf_counter()
             base = find_run(results, "base", None)
             if arm == "base":
                 outcome = measure_base(study)
             elif ARMS[arm].kind == "trl":
-                outcome = train_trl(study, arm, seed, base)
+                outcome = train_trl(study, arm, seed, base, rate)
             else:
-                outcome = train_arm(study, arm, seed, base)
+                outcome = train_arm(study, arm, seed, base, rate)
             add_run(path, results, outcome, list(ARMS))
-            write_report(study.results, results, arms, args.seeds, list(ARMS))
+            seconds = time.perf_counter() - started
+            wall += [seconds] if arm != "base" else []  # the ETA is in trained cells
+            print(f"  {_describe(arm, rate, seed)} finished in {seconds / 60:.1f} min, in {path}", flush=True)
+            _render(args, study, results, arms, seeds)
     if args.measure_base:
         print(base_verdict(find_run(results, "base", None)))
-    text = write_report(study.results, results, arms, args.seeds, list(ARMS))
+    text = _render(args, study, results, arms, seeds)
     if not args.measure_base:
         print(text)
     return 0
+
+
+def _render(args: argparse.Namespace, study: Study, results: dict, arms: list[str], seeds: list[int]) -> str:
+    if args.mode == "study":
+        return write_report(study.results, results, arms, seeds, list(ARMS))
+    return write_tables(study.results, results)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The study's results file (bench/results/study.json) and the report rendered from it (study.md and
 the PNG figures): everything `bench/study.py` does with finished runs. Runs are plain dicts, one per
-(arm, seed), as `bench/study.py` records them; nothing here trains or evaluates.
+cell (arm, learning rate, seed; the 8-step study's store no rate), as bench/study_runs.py records
+them; nothing here trains or evaluates. The sweep's and confirm's tables are bench/study_tables.py.
 """
 
 from __future__ import annotations
@@ -44,25 +45,55 @@ def save_results(path: Path, results: dict) -> None:
     os.replace(partial, path)
 
 
-def find_run(results: dict, arm: str, seed: int | None) -> dict | None:
-    return next((r for r in results["runs"] if r["arm"] == arm and r["seed"] == seed), None)
+def cell_key(run: dict) -> tuple:
+    """A cell: (arm, learning rate, seed); the 8-step study's runs store no rate (None)."""
+    return run["arm"], run.get("learning_rate"), run["seed"]
+
+
+def find_run(results: dict, arm: str, seed: int | None, learning_rate: float | None = None) -> dict | None:
+    return next((r for r in results["runs"] if cell_key(r) == (arm, learning_rate, seed)), None)
 
 
 def add_run(path: Path, results: dict, run_result: dict, order: list[str]) -> None:
-    """Adds a finished run to the JSON as it is on disk now, under a lock: two study processes given
-    disjoint (arm, seed) subsets (one torch thread each) can share one results file. Runs are kept
-    sorted by arm (in `order`, the study's arm list) and seed."""
+    """Adds a finished cell to the JSON as it is on disk now, under a lock: two study processes given
+    disjoint cells (one torch thread each) can share one results file. Cells are kept sorted by arm
+    (in `order`, the study's arm list), learning rate and seed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / (path.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         on_disk = load_results(path)["runs"]
-        key = (run_result["arm"], run_result["seed"])
-        mine = {(r["arm"], r["seed"]) for r in results["runs"]}
-        results["runs"] = [r for r in results["runs"] if (r["arm"], r["seed"]) != key]
-        results["runs"] += [r for r in on_disk if (r["arm"], r["seed"]) not in mine | {key}]
+        key = cell_key(run_result)
+        mine = {cell_key(r) for r in results["runs"]}
+        results["runs"] = [r for r in results["runs"] if cell_key(r) != key]
+        results["runs"] += [r for r in on_disk if cell_key(r) not in mine | {key}]
         results["runs"].append(run_result)
+        _union_grid(results, load_results(path).get("grid"))
         rank = {arm: i for i, arm in enumerate(order)}
-        results["runs"].sort(key=lambda r: (rank.get(r["arm"], len(rank)), r["seed"] or 0))
+        results["runs"].sort(
+            key=lambda r: (rank.get(r["arm"], len(rank)), r.get("learning_rate") or 0, r["seed"] or 0)
+        )
+        save_results(path, results)
+
+
+def _union_grid(results: dict, other: dict | None) -> None:
+    if other:
+        grid = results.setdefault("grid", {"rates": [], "seeds": []})
+        for key in ("rates", "seeds"):
+            grid[key] = sorted(set(grid[key]) | set(other.get(key, [])))
+
+
+def add_grid(path: Path, results: dict, rates: list[float], seeds: list[int]) -> None:
+    """Adds a sweep invocation's rates and seeds to the file's grid (the cells the selection rule
+    waits for), under the same lock as add_run: lanes with other seeds add theirs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / (path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        on_disk = load_results(path)
+        _union_grid(results, {"rates": rates, "seeds": seeds})
+        _union_grid(results, on_disk.get("grid"))
+        results["runs"] += [
+            r for r in on_disk["runs"] if cell_key(r) not in {cell_key(m) for m in results["runs"]}
+        ]
         save_results(path, results)
 
 
@@ -242,6 +273,10 @@ def ema_table(results: dict, arms: list[str]) -> list[str]:
 
 def base_verdict(base: dict) -> str:
     greedy = base["greedy"]["pass@1"]
+    if "passk" not in base:  # the sweep samples none
+        return (
+            f"The base model's greedy pass@1 is {100 * greedy:.1f} % ({base['greedy']['problems']} problems)."
+        )
     top = max(int(key[5:]) for key in base["passk"] if key.startswith("pass@"))
     sampled = base["passk"][f"pass@{top}"]
     in_range = 0.05 <= greedy <= 0.30
