@@ -26,6 +26,7 @@ from bench.study_runs import (
 from popo_lite.config import Config
 from popo_lite.core.rewards import score
 from popo_lite.data.problems import Problem, format_prompt, training_problems
+from popo_lite.engine.choose import resolve_checkpointing
 from popo_lite.engine.model import load_base, lora_config
 from popo_lite.training.session import seed_everything
 
@@ -36,6 +37,7 @@ def trl_policy(config: Config):
     from peft import get_peft_model
 
     seed_everything(config.seed)  # as session.prepare does before it loads the model
+    config = resolve_checkpointing(config)  # auto: the planner's choice, as load_policy makes it
     base_model, tokenizer, device = load_base(config)
     if config.gradient_checkpointing:  # as engine/model.attach_adapters
         base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -100,7 +102,7 @@ def trl_arguments(config: Config, run_dir: Path, seed: int, model, device: torch
         # gradient; off, TRL's loss has popo_lite's GRPO gradient (tests/test_reference.py checks both).
         use_bias_correction_kl=False,
         num_iterations=1,
-        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing=bool(resolve_checkpointing(config).gradient_checkpointing),
         gradient_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=1,
         save_strategy="no",
