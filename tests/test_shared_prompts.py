@@ -133,7 +133,8 @@ def test_kl_monitor_with_shared_prompts_gives_the_same_value(tiny_config):
 
 def test_the_shared_update_runs_each_prompt_once_per_pass(tiny_config, monkeypatch):
     """POPO with shared prompts: one prompt forward each for the weights, the loss and the EMA pass,
-    each over the step's 4 distinct prompts, however many micro-batches there are."""
+    however many micro-batches there are: the no-grad passes over the 3 groups with a positive, the loss
+    over the groups of its micro-batches that hold a positive (all 4 here)."""
     config, model, tokenizer, predictor = _policy(tiny_config, qlora=False, gradient_checkpointing=False)
     rollouts = _rollouts(model, tokenizer)
     _checkpointing(model, False)
@@ -146,7 +147,7 @@ def test_the_shared_update_runs_each_prompt_once_per_pass(tiny_config, monkeypat
 
     monkeypatch.setattr(updates, "prompt_prefix", counting)
     popo_update(model, predictor, rollouts, REWARDS, config, torch.Generator().manual_seed(0))
-    assert sorted(calls) == [(4, False), (4, False), (4, True)]
+    assert sorted(calls) == [(3, False), (3, False), (4, True)]
 
 
 def test_under_gradient_checkpointing_the_loss_forward_keeps_one_prompt_per_rollout(tiny_config, monkeypatch):

@@ -48,6 +48,7 @@ class PromptPrefix:
     values: list[torch.Tensor]  # per layer (U, kv_heads, P, head_dim)
     last_hidden: torch.Tensor  # (U, H), after the final norm
     mask: torch.Tensor  # (U, P) left-padded prompt mask
+    group_rows: torch.Tensor | None = None  # (B,) the prefix row of each of the step's groups (-1: not run)
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.keys, *self.values, self.last_hidden]
@@ -56,7 +57,7 @@ class PromptPrefix:
         """The same values as detached leaves that collect their gradient over the step's micro-batches."""
         layers = len(self.keys)
         leaves = [tensor.detach().requires_grad_() for tensor in self.tensors()]
-        return PromptPrefix(leaves[:layers], leaves[layers:-1], leaves[-1], self.mask)
+        return PromptPrefix(leaves[:layers], leaves[layers:-1], leaves[-1], self.mask, self.group_rows)
 
     def backward(self, leaves: PromptPrefix) -> None:
         """Backpropagate the gradients `leaves` collected through the prompt forward, once."""

@@ -93,6 +93,8 @@ def _forward(
     completion_ids = rollouts.completion_ids[mb_rows, :width]  # (n, T')
     completion_mask = rollouts.completion_mask[mb_rows, :width]
     prefix_rows = mb_rows // rollouts.group_size  # rows i*G .. i*G + G - 1 share prompt i
+    if prefix.group_rows is not None:  # a prefix of some groups only
+        prefix_rows = prefix.group_rows[prefix_rows]
     outputs = forward(
         completion_ids,
         completion_mask,
@@ -106,10 +108,13 @@ def _forward(
     return (*outputs, completion_mask)
 
 
-def shared_prefix(model, rollouts: Rollouts, enabled: bool) -> PromptPrefix | None:
-    """The step's B distinct prompts run through `model` once (with gradient unless under no_grad), or
-    None: `shared_prompts` off, or a model whose cache cannot be shared (`prompt_prefix`). Under gradient
-    checkpointing transformers builds no cache in a training forward, so that case is None too."""
+def shared_prefix(
+    model, rollouts: Rollouts, enabled: bool, b_rows: torch.Tensor | None = None
+) -> PromptPrefix | None:
+    """The step's distinct prompts (those of the groups of `b_rows`, all B without) run through `model`
+    once, with gradient unless under no_grad; or None: `shared_prompts` off, or a model whose cache
+    cannot be shared (`prompt_prefix`). Under gradient checkpointing transformers builds no cache in a
+    training forward, so that case is None too."""
     group = rollouts.group_size
     rows, width = rollouts.prompt_ids.shape
     if not enabled or rows % group:
@@ -117,9 +122,17 @@ def shared_prefix(model, rollouts: Rollouts, enabled: bool) -> PromptPrefix | No
     grouped = rollouts.prompt_ids.view(rows // group, group, width)  # (B, G, P)
     if not bool((grouped == grouped[:, :1]).all()):  # a record whose groups do not share their prompt
         return None
-    prompt_mask = rollouts.prompt_mask[::group]  # (B, P)
+    groups, group_rows = torch.arange(rows // group, device=rollouts.prompt_ids.device), None
+    if b_rows is not None:
+        groups = torch.unique(b_rows // group)  # (U,)
+        group_rows = torch.full((rows // group,), -1, dtype=torch.long, device=groups.device)
+        group_rows[groups] = torch.arange(len(groups), device=groups.device)
+    prompt_mask = rollouts.prompt_mask[::group][groups]  # (U, P)
     first = int((prompt_mask.sum(0) > 0).nonzero()[0]) if prompt_mask.any() else 0
-    return prompt_prefix(model, rollouts.prompt_ids[::group, first:], prompt_mask[:, first:])
+    prefix = prompt_prefix(model, rollouts.prompt_ids[::group][groups, first:], prompt_mask[:, first:])
+    if prefix is not None:
+        prefix.group_rows = group_rows
+    return prefix
 
 
 def _shares_gradient_prompts(config: Config, replicas) -> bool:
@@ -170,7 +183,7 @@ def sequence_logprobs(
     """Mean and summed completion log-probs of the rows `b_rows` under the active adapter, no gradient;
     also each row's token log-probs (for the rollout inspector's colouring)."""
     forward = PolicyForward(model)
-    prefix = shared_prefix(model, rollouts, shared_prompts)
+    prefix = shared_prefix(model, rollouts, shared_prompts, b_rows)
     means, sums, per_token = [], [], []
     for mb_rows in _micro_batches(b_rows, micro_batch_size):
         mb_logprobs, _, _, _, mb_mask = _forward(forward, rollouts, mb_rows, temperature, prefix)
@@ -276,16 +289,18 @@ class _EMATargets:
     """f_xi(y) of positives from the EMA adapter, without gradient; with shared prompts, the step's
     prompts run through the EMA adapter once, at the first micro-batch that needs them."""
 
-    def __init__(self, model, rollouts: Rollouts, temperature: float, shared_prompts: bool) -> None:
+    def __init__(
+        self, model, rollouts: Rollouts, temperature: float, shared_prompts: bool, b_rows: torch.Tensor
+    ) -> None:
         self.model, self.rollouts, self.temperature = model, rollouts, temperature
-        self.shared_prompts, self.prefix = shared_prompts, None
+        self.shared_prompts, self.b_rows, self.prefix = shared_prompts, b_rows, None  # b_rows: the positives
 
     @torch.no_grad()
     def __call__(self, b_rows: torch.Tensor) -> torch.Tensor:
         """(n+, H) EMA features of the rows `b_rows`."""
         with ema_forward(self.model):
             if self.shared_prompts and self.prefix is None:
-                self.prefix = shared_prefix(self.model, self.rollouts, True)
+                self.prefix = shared_prefix(self.model, self.rollouts, True, self.b_rows)
             outputs = _forward(
                 PolicyForward(self.model),
                 self.rollouts,
@@ -414,15 +429,18 @@ def popo_update(
         if replicas is not None
         else PolicyForward(model, predictor if use_features else None)
     )
-    ema_targets = _EMATargets(model, rollouts, config.temperature, config.shared_prompts)
+    ema_targets = _EMATargets(
+        model, rollouts, config.temperature, config.shared_prompts, b_positive.nonzero().flatten()
+    )
     nll_token_count = None  # the reference: each micro-batch's own positive tokens
     if config.nll_normalization == "step" and micro_batches:  # the step's, shared out over the divisor
         b_positive_tokens = rollouts.completion_mask.sum(1)[b_positive].sum()
         nll_token_count = float(b_positive_tokens) / len(micro_batches)
     prefix = leaves = None  # the step's prompts, run once with gradient for every micro-batch
     if _shares_gradient_prompts(config, replicas) and b_positive.any():
+        b_loss_rows = torch.cat([mb for mb in micro_batches if b_positive[mb].any()])  # those that run
         with _phase(timer, "loss"):
-            prefix = shared_prefix(model, rollouts, True)
+            prefix = shared_prefix(model, rollouts, True, b_loss_rows)
         leaves = prefix.leaves() if prefix is not None else None
     collected: dict[str, list[float]] = defaultdict(list)
     for number, mb_rows in enumerate(micro_batches):
