@@ -57,10 +57,11 @@ logger = logging.getLogger(__name__)
 # Answers longer than this are not verified (score 0): no real final answer is that long, and sympy's cost
 # grows with the input, so this is the first bound on verification time.
 MAX_ANSWER_CHARS = 300
-_MAX_CANDIDATES = 20  # trailing \boxed / "answer is" occurrences tried before falling back
+_MAX_CANDIDATES = 20  # trailing "answer is" occurrences tried before falling back
 _MAX_BOX_SCAN = 1000  # characters scanned for a closing brace: keeps extraction linear on junk
 
-_BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
+_BOX_RE = re.compile(r"\\(?:boxed|fbox|framebox)(?![a-zA-Z])")
+_MAX_BOXES = 200  # more boxes than this offer no one final answer: scored 0 (and extraction stays linear)
 _MARKED_RE = re.compile(
     r"(?:(?:final\s+answer|the\s+answer)\s*(?:is\b\s*:?|:)|\banswer\s*:)(?=[ \t*]*([^\n]{0,500}))",
     re.IGNORECASE,
@@ -69,17 +70,23 @@ _NUMBER_RE = re.compile(r"(?<![\w)\]}.])-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|(?<![\w)\
 _WORD_RE = re.compile(r"(?<![\\a-zA-Z{])[a-zA-Z]{3,}")
 
 
-def _boxed_span(text: str, start: int) -> tuple[str, int] | None:
-    """(content, end) of the \\boxed{...} / \\fbox{...} / brace-less `\\boxed 2` whose command ends at
-    `start`; `end` is the index just past it."""
+def _boxed_span(text: str, start: int, closing: dict[int, int] | None = None) -> tuple[str, int] | None:
+    """(content, end) of the \\boxed{...} / \\fbox{...} / \\framebox[..]{...} / brace-less `\\boxed 2` whose
+    command ends at `start`; `end` is the index just past it. `closing` (from `_closing_braces`) saves the
+    scan for the closing brace."""
     i = start
     while i < len(text) and text[i] == " ":
         i += 1
+    while text.startswith("[", i) and 0 < text.find("]", i, i + 40):  # \framebox[2cm][c]{...}
+        i = text.find("]", i) + 1
     if i >= len(text):
         return None
     if text[i] != "{":  # MATH has `$\boxed 2$`: the answer is the next token
         token = re.match(r"[^\s${}]+", text[i:])
         return (token.group(0).rstrip(".,;"), i + token.end()) if token else None
+    if closing is not None:
+        j = closing.get(i)
+        return (text[i + 1 : j], j + 1) if j is not None and j - i < _MAX_BOX_SCAN else None
     depth = 0
     for j in range(i, min(len(text), i + _MAX_BOX_SCAN)):
         if text[j] == "{":
@@ -91,24 +98,47 @@ def _boxed_span(text: str, start: int) -> tuple[str, int] | None:
     return None  # unbalanced or absurdly long
 
 
+def _closing_braces(text: str) -> dict[int, int]:
+    """Index of each `{` that closes -> index of its `}`: one pass, so reading every box stays linear."""
+    closing, stack = {}, []
+    for match in re.finditer(r"[{}]", text):
+        if match.group() == "{":
+            stack.append(match.start())
+        elif stack:
+            closing[stack.pop()] = match.start()
+    return closing
+
+
 def _boxed_content(text: str, start: int) -> str | None:
     """Content of the \\boxed{...} / \\fbox{...} / brace-less `\\boxed 2` whose command ends at `start`."""
     span = _boxed_span(text, start)
     return span[0] if span else None
 
 
+def without_sentence_end(answer: str) -> str:
+    """`answer` without a trailing sentence period (`42.` is 42; `1, 2, ...` keeps its dots)."""
+    answer = answer.strip()
+    return answer[:-1].rstrip() if answer.endswith(".") and not answer.endswith("..") else answer
+
+
 def _boxes(text: str) -> list[tuple[int, int, str]]:
-    """(start, end, stripped content) of the last non-empty boxes (at most _MAX_CANDIDATES), in order."""
-    boxes = []
-    for match in list(_BOX_RE.finditer(text))[-_MAX_CANDIDATES:]:
-        span = _boxed_span(text, match.end())
-        if span and span[0].strip():
-            boxes.append((match.start(), span[1], span[0].strip()))
+    """(start, end, content) of every box that states something, in order of their commands (an outer box
+    before the boxes nested in it); the content without a trailing period. A box empty up to formatting
+    (`\\boxed{}`, `\\boxed{\\,}`) states nothing and is left out. At most _MAX_BOXES + 1 are read."""
+    boxes, closing = [], _closing_braces(text) if "\\" in text else {}
+    for match in _BOX_RE.finditer(text):
+        span = _boxed_span(text, match.end(), closing)
+        content = without_sentence_end(span[0]) if span else ""
+        if content and answer_forms.canonical(content):
+            boxes.append((match.start(), span[1], content))
+            if len(boxes) > _MAX_BOXES:
+                break
     return boxes
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last non-empty \\boxed{} or \\fbox{} (balanced braces), or None."""
+    """Content of the last \\boxed{} / \\fbox{} / \\framebox{} that states something (balanced braces), or
+    None."""
     boxes = _boxes(text)
     return boxes[-1][2] if boxes else None
 
@@ -165,14 +195,27 @@ def _question_forms(question: str) -> tuple[frozenset[str], frozenset[str]]:
         if len(text) > 4 * MAX_ANSWER_CHARS:
             continue
         canonical = answer_forms.canonical(text)
-        forms.add(answer_forms.unwrapped(canonical))
+        forms.add(_echo_form(canonical))
         forms.update(
-            answer_forms.unwrapped(side)
+            _echo_form(side)
             for side in answer_forms.split_top(canonical, "=")
             if answer_forms.operations(side)
         )
-        applications |= answer_forms.applications(canonical)
+        applications |= _echo_applications(canonical)
     return frozenset(forms), frozenset(applications)
+
+
+def _echo_form(canonical: str) -> str:
+    """What an echo is compared by: the canonical form unwrapped, its numbers as a reader writes them, so
+    that `3/20`, `\\frac{03}{20}`, `{3 \\over 20}`, `1.450` and `01.45` are the question's `\\frac{3}{20}` and
+    `1.45` (`canonical` already reads `\\sqrt[2]{x}` as `\\sqrt{x}`)."""
+    return answer_forms.same_number_forms(answer_forms.unwrapped(canonical))
+
+
+def _echo_applications(canonical: str) -> set[str]:
+    """The function applications of a canonical form, numbers as a reader writes them (`\\sqrt{0242}` is
+    `\\sqrt{242}`)."""
+    return {answer_forms.same_number_forms(found) for found in answer_forms.applications(canonical)}
 
 
 def _echoes_question(answer: str, gold: str, question: str) -> bool:
@@ -181,32 +224,36 @@ def _echoes_question(answer: str, gold: str, question: str) -> bool:
     "Simplify $\\sqrt{242}$", `\\frac{3}{20}` for "Express $\\frac{3}{20}$ as a decimal", `1.45` for
     "Express $1.45$ as a fraction", `x=3` for "... has solutions $x=3$" when the gold is 3."""
     forms, applications = _question_forms(question)
-    unwrapped = answer_forms.unwrapped(answer)
-    if unwrapped in forms and unwrapped != answer_forms.unwrapped(gold):
+    echo = _echo_form(answer)
+    if echo in forms and echo != _echo_form(gold):
         return True
-    return bool((answer_forms.applications(answer) & applications) - answer_forms.applications(gold))
+    return bool((_echo_applications(answer) & applications) - _echo_applications(gold))
 
 
-_CONNECTIVES = frozenset(
-    "or and either maybe possibly perhaps alternatively also else otherwise vs versus lor vee text mathrm "
-    "textbf quad qquad".split()
-)
+_NESTED_BOX_RE = re.compile(r"\\(?:boxed|fbox|framebox)(?![a-zA-Z])\s*(?:\[[^\]]{0,40}\])*")
+# Ways of writing "this or that" inside one answer: the word `or` (bare, in \text, \hbox, \mbox, ...),
+# \lor, \vee, a lone `|` and \mid.
+_ALTERNATIVE_RE = re.compile(r"(?<![\\a-zA-Z])or(?![a-zA-Z])|\\(?:lor|vee|mid)(?![a-zA-Z])", re.IGNORECASE)
 
 
-def _hedged(completion: str, boxes: list[tuple[int, int, str]]) -> bool:
-    """True when the last box is one of several different boxed answers offered side by side, with
-    nothing but a connective between them: `\\boxed{43} or \\boxed{42}`, `\\boxed{1}, \\boxed{2}`. A box after
-    other words (`\\boxed{41} no wait, \\boxed{42}`) is a correction, not a hedge."""
-    for (_, end, first), (start, _, second) in zip(reversed(boxes[:-1]), reversed(boxes[1:]), strict=True):
-        if end > start:  # nested: \boxed{\boxed{42}}
-            continue
-        between = completion[end:start]
-        words = {word.lower() for word in re.findall(r"[a-zA-Z]+", between)}
-        if len(between) > 60 or re.search(r"\d", between) or not words <= _CONNECTIVES:
-            return False
-        if not answer_forms.same_answer(first, second):
-            return True
-    return False
+def _hedged(boxes: list[tuple[int, int, str]]) -> bool:
+    """True when the boxes do not all state one answer: `\\boxed{43} or \\boxed{42}`, `\\boxed{42}
+    \\framebox{43}`, `\\boxed{43 \\boxed{42}}` (the outer box states `43 42`), a first box corrected by a
+    later one (`\\boxed{41} no wait, \\boxed{42}`), more than _MAX_BOXES boxes. Boxes that repeat one
+    answer (`\\boxed{42} ... \\boxed{42.0}`, `\\boxed{\\boxed{42}}`) are no hedge."""
+    if len(boxes) > _MAX_BOXES:
+        return True
+    final = boxes[-1][2]
+    contents = dict.fromkeys(_NESTED_BOX_RE.sub("", content) for _, _, content in boxes[:-1])
+    return any(not answer_forms.same_answer(content, final) for content in contents)
+
+
+def _offers_alternatives(answer: str, gold: str) -> bool:
+    """True when one answer offers alternatives the gold does not: `42 \\text{ (or 43)}`, `42 \\hbox{ or }
+    43`, `42 | 43`, `42 \\lor 43`. A `|` pair is an absolute value, not an alternative."""
+    if _ALTERNATIVE_RE.search(answer) and not _ALTERNATIVE_RE.search(gold):
+        return True
+    return answer.count("|") % 2 == 1 and gold.count("|") % 2 == 0
 
 
 def _contradicted(tail: str, answer: str) -> bool:
@@ -226,8 +273,10 @@ def _not_the_answer(completion: str, answer: str, gold: str, question: str | Non
     number, an operation the gold does not apply, or an echo of the question."""
     boxes = _boxes(completion)
     if boxes and boxes[-1][2] == answer:
-        if _hedged(completion, boxes) or _contradicted(completion[boxes[-1][1] :], answer):
+        if _hedged(boxes) or _contradicted(completion[boxes[-1][1] :], answer):
             return True
+    if _offers_alternatives(answer, gold):
+        return True
     canonical, gold_canonical = answer_forms.canonical(answer), answer_forms.canonical(gold)
     sides = (
         [canonical]
