@@ -19,6 +19,7 @@ from popo_lite.config import Config, ConfigError, add_config_options, load_confi
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m popo_lite.train",
+        usage="%(prog)s [--config FILE] [--resume] [--FIELD VALUE ...]  (all options: --help)",
         description="Train a LoRA policy on math problems with POPO (positive-only policy optimisation) or "
         "GRPO. With no option it trains the embedded SmolLM2-135M-Instruct on arithmetic, offline.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
