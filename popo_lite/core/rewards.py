@@ -230,22 +230,36 @@ def _echoes_question(answer: str, gold: str, question: str) -> bool:
     return bool((_echo_applications(answer) & applications) - _echo_applications(gold))
 
 
-_NESTED_BOX_RE = re.compile(r"\\(?:boxed|fbox|framebox)(?![a-zA-Z])\s*(?:\[[^\]]{0,40}\])*")
 # Ways of writing "this or that" inside one answer: the word `or` (bare, in \text, \hbox, \mbox, ...),
 # \lor, \vee, a lone `|` and \mid.
 _ALTERNATIVE_RE = re.compile(r"(?<![\\a-zA-Z])or(?![a-zA-Z])|\\(?:lor|vee|mid)(?![a-zA-Z])", re.IGNORECASE)
 
 
+def _outside_nested_boxes(content: str) -> str:
+    """A box's content without the boxes nested in it: `43 ` for `43 \\boxed{42}`, `` for `\\boxed{42}`."""
+    if not _BOX_RE.search(content):
+        return content
+    parts, last = [], 0
+    for start, end, _ in _boxes(content):
+        if start >= last:  # a box nested in a nested box went with it
+            parts.append(content[last:start])
+            last = end
+    return " ".join([*parts, content[last:]])
+
+
 def _hedged(boxes: list[tuple[int, int, str]]) -> bool:
     """True when the boxes do not all state one answer: `\\boxed{43} or \\boxed{42}`, `\\boxed{42}
-    \\framebox{43}`, `\\boxed{43 \\boxed{42}}` (the outer box states `43 42`), a first box corrected by a
+    \\framebox{43}`, `\\boxed{43 \\boxed{42}}` (the outer box states 43 besides), a first box corrected by a
     later one (`\\boxed{41} no wait, \\boxed{42}`), more than _MAX_BOXES boxes. Boxes that repeat one
     answer (`\\boxed{42} ... \\boxed{42.0}`, `\\boxed{\\boxed{42}}`) are no hedge."""
     if len(boxes) > _MAX_BOXES:
         return True
     final = boxes[-1][2]
-    contents = dict.fromkeys(_NESTED_BOX_RE.sub("", content) for _, _, content in boxes[:-1])
-    return any(not answer_forms.same_answer(content, final) for content in contents)
+    contents = dict.fromkeys(_outside_nested_boxes(content) for _, _, content in boxes[:-1])
+    return any(
+        answer_forms.canonical(content) and not answer_forms.same_answer(content, final)
+        for content in contents
+    )
 
 
 def _offers_alternatives(answer: str, gold: str) -> bool:
