@@ -8,7 +8,8 @@ Why this module is more than `verify(parse(gold), parse(completion))`:
    (`extract_final_answer`) and, when the gold is a plain number, reject answers that are unevaluated
    arithmetic of numbers.
 2. Extraction decides whether a small model sees any signal at all (same measurement): the last
-   non-empty `\\boxed{}`, else a clearly marked final answer, else the last number.
+   `\\boxed{}` (or `\\fbox`, `\\framebox`) that states something, without a trailing period (`42.`), else a
+   clearly marked final answer, else the last number.
 3. math-verify bounds its time with `signal.alarm`, which raises off the main thread (a web UI worker).
    Off the main thread we verify in a helper process instead, see `math_reward` for the bound.
 4. Echoing the question (bench/reward_hacks.py): boxing the question's own `$...$` expression scored 1 on
@@ -16,8 +17,8 @@ Why this module is more than `verify(parse(gold), parse(completion))`:
    hid the operator of `\\boxed{17\\quad+25}` from the plain-number guard.
 
 The rule. An answer is judged up to LaTeX formatting (`canonical`: spacing and sizing commands, `\\left`,
-`\\displaystyle`, `\\dfrac`/`\\dbinom`, grouping braces, whitespace do not count) and scores 0, before
-math-verify is asked, when it
+`\\displaystyle`, `\\dfrac`/`\\dbinom`, `{a \\over b}` as `\\frac{a}{b}`, `\\sqrt[2]` as `\\sqrt`, grouping
+braces, whitespace do not count) and scores 0, before math-verify is asked, when it
   (a) applies an operation more often than the gold does (`operations`: a function such as sqrt, binom,
       log, sin, floor; a binary + or -; a product, quotient, power, factorial, absolute value; a
       parenthesised sum): an unevaluated form. So `17+25`, `84/2`, `\\frac{84}{2}` and `\\sqrt{1764}` for 42,
@@ -28,14 +29,28 @@ math-verify is asked, when it
   (b) is an equation whose sides are two different numbers (`43=42`); otherwise, when the gold is no
       relation, the value after the last `=` is the answer (`x = 5`, `17+25=42` state 5 and 42);
   (c) is an inequality for a number gold (`0 < p < 15.` for 15);
-  (d) is one of several different boxed answers offered side by side, nothing but a connective between
-      them (`\\boxed{43} or \\boxed{42}`); a box after other words is a correction (`no wait, \\boxed{42}`);
+  (d) is one of several different final answers (issue 25). Every box of the completion is read (`\\boxed`,
+      `\\fbox`, `\\framebox`, boxes nested in boxes by the text around them), and they must all state one
+      answer: `\\boxed{43} or even \\boxed{42}`, `\\boxed{42} \\framebox{43}`, `\\boxed{43 \\boxed{42}}`,
+      `\\boxed{41, 43, \\boxed{42}}` and a 43 box before thirty 42 boxes all score 0; boxes repeating one
+      answer (`\\boxed{42} ... \\boxed{42.0}`, `\\boxed{\\boxed{42}}`) pay. A box empty up to formatting
+      (`\\boxed{}`, `\\boxed{\\,}`) states nothing, so `\\boxed{42}\\boxed{\\,}` pays 42. One box may not offer
+      alternatives the gold does not write either: `or` (bare, in `\\text{(or 43)}`, `\\hbox{ or }`),
+      `\\lor`, `\\vee`, `\\mid`, a lone `|`. Where the line is for a worked self-correction: a box is a final
+      answer. Reasoning may state a value, doubt it and fix it in words ("so x = 41. Wait, a carry: ...
+      \\boxed{42}" pays); once a wrong value has been boxed, the completion has offered two answers, and
+      "\\boxed{41} no wait, \\boxed{42}" scores 0 whatever the words between. More than 200 boxes score 0.
+      What it costs: a multi-part answer boxed part by part (`(a) \\boxed{3} (b) \\boxed{5}`) scores 0;
   (e) is contradicted by a clearly marked final answer after the last box (`\\boxed{42} Wait... the answer
       is 43.`); numbers are compared by value, other answers as written;
   (f) with `question` passed to `score`: is one of the question's expressions (other than the gold as
       written), or writes one of its function applications that the gold does not (`\\sqrt{242}` for
       "Simplify $\\sqrt{242}$"; `\\frac{3}{20}` for "Express $\\frac{3}{20}$ as a decimal"), which (a) cannot
-      tell from an answer.
+      tell from an answer. Both sides are compared with their numbers as a reader writes them
+      (`answer_forms.same_number_forms`), so the rewrites `3/20`, `3 / 20`, `\\frac{03}{20}`, `{3 \\over 20}`,
+      `\\sqrt[2]{242}`, `\\sqrt{0242}`, `1.450` and `01.45` are echoes too.
+Golds math-verify misreads (`\\frac13E_1+\\frac23E_2` read as 2/3) are caught when a dataset loads
+(popo_lite/data/golds.py): the reward itself trusts the gold it is given.
 Numbers a human reads as numbers are rewritten before verification (`plain_text`): e-notation (`4.2e1`),
 thin-space thousands (`1\\,234`), fullwidth and other scripts' digits (`４２`, `٤٢`). What the rule costs: an
 equivalent answer written with more operations than the gold (`2(k+1)` for 2k+2, `x^2-1` for `(x-1)(x+1)`,
