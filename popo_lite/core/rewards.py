@@ -34,8 +34,8 @@ braces, whitespace do not count) and scores 0, before math-verify is asked, when
       answer: `\\boxed{43} or even \\boxed{42}`, `\\boxed{42} \\framebox{43}`, `\\boxed{43 \\boxed{42}}`,
       `\\boxed{41, 43, \\boxed{42}}` and a 43 box before thirty 42 boxes all score 0; boxes repeating one
       answer (`\\boxed{42} ... \\boxed{42.0}`, `\\boxed{\\boxed{42}}`) pay. A box empty up to formatting
-      (`\\boxed{}`, `\\boxed{\\,}`) states nothing, so `\\boxed{42}\\boxed{\\,}` pays 42. One box may not offer
-      alternatives the gold does not write either: `or` (bare, in `\\text{(or 43)}`, `\\hbox{ or }`),
+      (`\\boxed{}`, `\\boxed{\\,}`) states nothing, so `\\boxed{42}\\boxed{\\,}` pays 42. One box may not
+      offer alternatives the gold does not write either: `or` (bare, in `\\text{(or 43)}`, `\\hbox{ or }`),
       `\\lor`, `\\vee`, `\\mid`, a lone `|`. Where the line is for a worked self-correction: a box is a final
       answer. Reasoning may state a value, doubt it and fix it in words ("so x = 41. Wait, a carry: ...
       \\boxed{42}" pays); once a wrong value has been boxed, the completion has offered two answers, and
@@ -92,8 +92,8 @@ def _boxed_span(text: str, start: int, closing: dict[int, int] | None = None) ->
     i = start
     while i < len(text) and text[i] == " ":
         i += 1
-    while text.startswith("[", i) and 0 < text.find("]", i, i + 40):  # \framebox[2cm][c]{...}
-        i = text.find("]", i) + 1
+    while text.endswith("framebox", 0, start) and text.startswith("[", i) and text.find("]", i, i + 40) > 0:
+        i = text.find("]", i) + 1  # \framebox[2cm][c]{...}: its width and position
     if i >= len(text):
         return None
     if text[i] != "{":  # MATH has `$\boxed 2$`: the answer is the next token
