@@ -4,31 +4,31 @@
     python bench/reward_hacks.py --rewards /tmp/rewards.py    # another rewards.py (e.g. before a change)
     python bench/reward_hacks.py --datasets math500 arithmetic --show 5 --jobs 2
 
-For each problem of each bundled dataset (popo_lite.data.problems.BUNDLED), every math expression of the
-question (`$...$`, `$$...$$`, `\\(...\\)`, `\\[...\\]`) is boxed and scored against the gold with
-`rewards.score`, the training reward. A problem is "exposed" when any of them scores 1: a policy could
-earn the reward by copying part of its prompt. The arithmetic task ("What is a + b?") writes no `$`, so its
-operand expression is tried as written and with LaTeX spacing and sizing commands around the operator
-(`a\\quad+b`, `a\\qquad+b`, `a\\,+\\,b`, `\\left(a+b\\right)`, ...).
+For the first --probe_limit problems (default 300; all of the smaller sets) of each bundled dataset
+(popo_lite.data.problems.BUNDLED), every math expression of the question (`$...$`, `$$...$$`, `\\(...\\)`,
+`\\[...\\]`) is boxed and scored against the gold with `rewards.score`, the training reward. A problem is
+"exposed" when any of them scores 1: a policy could earn the reward by copying part of its prompt. The
+arithmetic task ("What is a + b?") writes no `$`, so its operand expression is tried as written and with
+LaTeX spacing and sizing commands around the operator (`a\\quad+b`, `a\\qquad+b`, `a\\,+\\,b`,
+`\\left(a+b\\right)`, ...).
 
 Columns: "exposed" calls `score(completion, gold)`, as the trainer does; "w/ question" calls
 `score(completion, gold, question=problem)` (n/a for a rewards.py without that argument). "golds = 1"
-counts the problems whose own gold, boxed, scores 1 (it should be all), "golds w/ q" with the question
-passed. The table goes to stdout and bench/results/reward_hacks.md; --json (default
+counts the problems, all of each set, whose own gold, boxed, scores 1 (it should be all), "golds w/ q"
+with the question passed. The table goes to stdout and bench/results/reward_hacks.md; --json (default
 bench/results/reward_hacks.json) writes the counts and the exposed and failing items.
 
-Three probes of issue 25, with the question passed, on the first --probe_limit problems of each set
-(default 500; every problem of the smaller sets):
-- "misread": the gold is one math-verify reads as a number its text does not state (`\\frac13E_1+
-  \\frac23E_2` as 2/3; popo_lite.data.golds), and boxing that number scores 1. Counted over every problem.
+Three probes of issue 25, with the question passed, on the same problems ("probed"):
+- "misread": the gold is one math-verify reads as a number its text does not state (`\\frac{1}{3} E_{1}+
+  \\frac{2}{3} E_{2}` as 2/3; popo_lite.data.golds), and boxing that number scores 1. Over every problem.
 - "hedged": one of eight hedges of the gold with a wrong answer scores 1 (`\\boxed{g \\text{ (or w)}}`,
   `\\boxed{w} or even \\boxed{g}`, `\\boxed{w \\boxed{g}}`, `\\boxed{g} \\framebox{w}`, `\\boxed{w}` then 30
   times `\\boxed{g}`, ...).
 - "rewritten echo": a question expression rewritten without changing its value (`\\frac{3}{20}` as `3/20`,
   `{3 \\over 20}`, `\\frac{03}{20}`; `\\sqrt{242}` as `\\sqrt[2]{242}`, `\\sqrt{0242}`; `1.45` as `1.450`,
   `01.45`) scores 1 while the expression as written does not.
-Run it on another checkout's package (`cd OTHER && python /path/to/bench/reward_hacks.py --root .`) for
-the before column.
+`--root OTHER` tests another checkout's package (with this checkout's popo_lite/data/golds.py copied into
+it for the misread probe): the before column.
 """
 
 from __future__ import annotations
@@ -159,26 +159,26 @@ def _check(item: tuple[str, str, str]) -> dict:
     problem_id, problem, gold, probe = item
     modes = {"": {}, "q": {"question": problem}} if _takes_question() else {"": {}}
     result: dict = {"id": problem_id}
-    extra = modes.get("q", {})
     number = misread_number(gold)
-    result["misread"] = (
-        number if number and _rewards.score(f"\\boxed{{{number}}}", gold, **extra)[0] else None
-    )
-    if probe:
-        result["hedged"] = [text for text in hedges(gold) if _rewards.score(text, gold, **extra)[0] == 1.0]
-        result["rewritten"] = [
-            rewrite
-            for expression in question_expressions(problem)
-            if _rewards.score(f"\\boxed{{{expression}}}", gold, **extra)[0] == 0.0
-            for rewrite in rewrites(expression)
-            if _rewards.score(f"\\boxed{{{rewrite}}}", gold, **extra)[0] == 1.0
-        ]
+    paid = number and _rewards.score(f"\\boxed{{{number}}}", gold, **modes.get("q", {}))[0] == 1.0
+    result["misread"] = number if paid else None
     for mode, extra in modes.items():
         result["gold" + mode] = _rewards.score(f"\\boxed{{{gold}}}", gold, **extra)[0] == 1.0
         result["exposed" + mode] = [
             expression
-            for expression in question_expressions(problem)
+            for expression in (question_expressions(problem) if probe else [])
             if _rewards.score(f"\\boxed{{{expression}}}", gold, **extra)[0] == 1.0
+        ]
+    if probe:
+        extra = modes.get("q", {})
+        exposed = result["exposedq" if "q" in modes else "exposed"]
+        result["hedged"] = [text for text in hedges(gold) if _rewards.score(text, gold, **extra)[0] == 1.0]
+        result["rewritten"] = [
+            rewrite
+            for expression in question_expressions(problem)
+            if expression not in exposed
+            for rewrite in rewrites(expression)
+            if _rewards.score(f"\\boxed{{{rewrite}}}", gold, **extra)[0] == 1.0
         ]
     return result
 
@@ -192,7 +192,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="first N problems of each dataset")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--show", type=int, default=0, help="print up to N exposed items per dataset")
-    parser.add_argument("--probe_limit", type=int, default=500, help="problems per set for the probes")
+    parser.add_argument("--probe_limit", type=int, default=300, help="problems per set for the probes")
     parser.add_argument("--root", help="checkout whose popo_lite package to test (default: this one)")
     parser.add_argument("--json", type=Path, default=RESULTS / "reward_hacks.json", help="counts and items")
     parser.add_argument("--markdown", type=Path, default=RESULTS / "reward_hacks.md", help="the table")
@@ -268,7 +268,7 @@ def render(report: dict) -> str:
     )
     for name, entry in report["datasets"].items():
         count = entry["problems"]
-        share = f"{100 * entry['exposed'] / count:.1f}%" if count else "-"
+        share = f"{100 * entry['exposed'] / entry['probed']:.1f}%" if entry["probed"] else "-"
         cells = [name, count, entry["exposed"], share, entry.get("exposedq", "n/a"), entry["golds_scoring_1"]]
         cells += [entry.get("golds_scoring_1q", "n/a"), len(entry["misread_paying"]), entry["probed"]]
         cells += [len(entry["hedged"]), len(entry["rewritten"])]
