@@ -33,14 +33,16 @@ braces, whitespace do not count) and scores 0, before math-verify is asked, when
       `\\fbox`, `\\framebox`, boxes nested in boxes by the text around them), and they must all state one
       answer: `\\boxed{43} or even \\boxed{42}`, `\\boxed{42} \\framebox{43}`, `\\boxed{43 \\boxed{42}}`,
       `\\boxed{41, 43, \\boxed{42}}` and a 43 box before thirty 42 boxes all score 0; boxes repeating one
-      answer (`\\boxed{42} ... \\boxed{42.0}`, `\\boxed{\\boxed{42}}`) pay. A box empty up to formatting
-      (`\\boxed{}`, `\\boxed{\\,}`) states nothing, so `\\boxed{42}\\boxed{\\,}` pays 42. One box may not
-      offer alternatives the gold does not write either: `or` (bare, in `\\text{(or 43)}`, `\\hbox{ or }`),
-      `\\lor`, `\\vee`, `\\mid`, a lone `|`. Where the line is for a worked self-correction: a box is a final
-      answer. Reasoning may state a value, doubt it and fix it in words ("so x = 41. Wait, a carry: ...
-      \\boxed{42}" pays); once a wrong value has been boxed, the completion has offered two answers, and
-      "\\boxed{41} no wait, \\boxed{42}" scores 0 whatever the words between. More than 200 boxes score 0.
-      What it costs: a multi-part answer boxed part by part (`(a) \\boxed{3} (b) \\boxed{5}`) scores 0;
+      answer pay, as written (`\\boxed{x = 42} ... \\boxed{42.0}`, `\\boxed{\\boxed{42}}`) or equal per
+      math-verify (`\\boxed{x^2+1} ... \\boxed{1+x^2}`; at most 3 such boxes are asked about). A box empty
+      up to formatting (`\\boxed{}`, `\\boxed{\\,}`) states nothing, so `\\boxed{42}\\boxed{\\,}` pays 42.
+      One box may not offer alternatives the gold does not write either: `or` (bare, in `\\text{(or 43)}`,
+      `\\hbox{ or }`), `\\lor`, `\\vee`, `\\mid`, a lone `|`. Where the line is for a worked
+      self-correction: a box is a final answer. Reasoning may state a value, doubt it and fix it in words
+      ("so x = 41. Wait, a carry: ... \\boxed{42}" pays); once a wrong value has been boxed, the completion
+      has offered two answers, and "\\boxed{41} no wait, \\boxed{42}" scores 0 whatever the words between.
+      More than 200 boxes score 0. What it costs: a multi-part answer boxed part by part (`(a) \\boxed{3}
+      (b) \\boxed{5}`) scores 0;
   (e) is contradicted by a clearly marked final answer after the last box (`\\boxed{42} Wait... the answer
       is 43.`); numbers are compared by value, other answers as written;
   (f) with `question` passed to `score`: is one of the question's expressions (other than the gold as
@@ -262,19 +264,33 @@ def _outside_nested_boxes(content: str) -> str:
     return " ".join([*parts, content[last:]])
 
 
-def _hedged(boxes: list[tuple[int, int, str]]) -> bool:
+_MAX_BOX_VERIFICATIONS = 3  # differently written boxes asked of math-verify; more are a hedge
+
+
+def _stated(content: str) -> str:
+    """What a box states, canonical: the value after its last `=` (`x = 5` states 5)."""
+    return answer_forms.split_top(answer_forms.canonical(content), "=")[-1]
+
+
+def _hedged(boxes: list[tuple[int, int, str]], timeout_s: float) -> bool:
     """True when the boxes do not all state one answer: `\\boxed{43} or \\boxed{42}`, `\\boxed{42}
     \\framebox{43}`, `\\boxed{43 \\boxed{42}}` (the outer box states 43 besides), a first box corrected by a
     later one (`\\boxed{41} no wait, \\boxed{42}`), more than _MAX_BOXES boxes. Boxes that repeat one
-    answer (`\\boxed{42} ... \\boxed{42.0}`, `\\boxed{\\boxed{42}}`) are no hedge."""
+    answer pay, as written (`\\boxed{x = 42} ... \\boxed{42.0}`, `\\boxed{\\boxed{42}}`) or written otherwise
+    but equal per math-verify (`\\boxed{x^2+1} ... \\boxed{1+x^2}`)."""
     if len(boxes) > _MAX_BOXES:
         return True
     final = boxes[-1][2]
     contents = dict.fromkeys(_outside_nested_boxes(content) for _, _, content in boxes[:-1])
-    return any(
-        answer_forms.canonical(content) and not answer_forms.same_answer(content, final)
+    different = [
+        content
         for content in contents
-    )
+        if answer_forms.canonical(content) and not answer_forms.same_answer(_stated(content), _stated(final))
+    ]
+    if len(different) > _MAX_BOX_VERIFICATIONS or any(_too_costly(content) for content in different):
+        return True
+    plain = answer_forms.plain_text
+    return not all(verification.verify(plain(final), plain(content), timeout_s) for content in different)
 
 
 def _offers_alternatives(answer: str, gold: str) -> bool:
@@ -296,13 +312,15 @@ def _contradicted(tail: str, answer: str) -> bool:
     return False
 
 
-def _not_the_answer(completion: str, answer: str, gold: str, question: str | None) -> bool:
+def _not_the_answer(
+    completion: str, answer: str, gold: str, question: str | None, timeout_s: float = 5.0
+) -> bool:
     """True when the extracted answer must score 0 whatever math-verify says (the rule in the module
     docstring): hedged or contradicted boxes, an equation that states another number, an inequality for a
     number, an operation the gold does not apply, or an echo of the question."""
     boxes = _boxes(completion)
     if boxes and boxes[-1][2] == answer:
-        if _hedged(boxes) or _contradicted(completion[boxes[-1][1] :], answer):
+        if _hedged(boxes, timeout_s) or _contradicted(completion[boxes[-1][1] :], answer):
             return True
     if _offers_alternatives(answer, gold):
         return True
@@ -361,7 +379,7 @@ def score(
         answer = extract_final_answer(completion)
         if answer is None or _too_costly(answer):
             return 0.0, answer
-        if _not_the_answer(completion, answer, gold, question):
+        if _not_the_answer(completion, answer, gold, question, timeout_s):
             return 0.0, answer
         gold_text, answer_text = answer_forms.plain_text(gold), answer_forms.plain_text(answer)
         ok = verification.verify(gold_text, answer_text, timeout_s)
