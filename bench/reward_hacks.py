@@ -94,7 +94,7 @@ def question_expressions(problem: str) -> list[str]:
 _FRACTION_RE = re.compile(r"\\[dt]?frac\{(\d+)\}\{(\d+)\}")
 _SQRT_RE = re.compile(r"\\sqrt\{(\d+)\}")
 _DECIMAL_RE = re.compile(r"(?<![\d.])(\d+\.\d+)(?![\d.])")
-_INTEGER_RE = re.compile(r"(?<![\d.\\a-zA-Z])(\d+)(?![\d.])")
+_INTEGER_RE = re.compile(r"(?<![\d.\\a-zA-Z^_])(\d+)(?![\d.])")  # not `x^5`: TeX reads `x^05` as x^0 5
 
 
 def rewrites(expression: str) -> list[str]:

@@ -268,8 +268,8 @@ _MAX_BOX_VERIFICATIONS = 3  # differently written boxes asked of math-verify; mo
 
 
 def _stated(content: str) -> str:
-    """What a box states, canonical: the value after its last `=` (`x = 5` states 5)."""
-    return answer_forms.split_top(answer_forms.canonical(content), "=")[-1]
+    """What a box states, canonical: `x = 5` states 5 (one variable named), `5x+4=0` itself."""
+    return re.sub(r"^[a-zA-Z](?:_\{?\w+\}?)?=(?=.)", "", answer_forms.canonical(content))
 
 
 def _hedged(boxes: list[tuple[int, int, str]], timeout_s: float) -> bool:
@@ -376,6 +376,7 @@ def score(
 
     With `question` (the problem text), an answer that echoes one of its expressions also scores 0."""
     try:
+        gold = without_sentence_end(gold)  # `30^\\circ.`: a sentence's period, as in an answer's box
         answer = extract_final_answer(completion)
         if answer is None or _too_costly(answer):
             return 0.0, answer
