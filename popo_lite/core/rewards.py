@@ -211,7 +211,7 @@ def _question_forms(question: str) -> tuple[frozenset[str], frozenset[str]]:
     for text in texts[:_MAX_QUESTION_EXPRESSIONS]:
         if len(text) > 4 * MAX_ANSWER_CHARS:
             continue
-        canonical = answer_forms.canonical(text)
+        canonical = answer_forms.canonical(without_sentence_end(text))  # as a box is read
         forms.add(_echo_form(canonical))
         forms.update(
             _echo_form(side)
