@@ -122,6 +122,18 @@ def _wrong(gold: str) -> str:
     return "1" if text == "0" else "0"
 
 
+HEDGE_NAMES = (
+    "text (or w)",
+    "hbox or",
+    "bar",
+    "or even",
+    "nested",
+    "list then nested",
+    "framebox",
+    "30 after",
+)
+
+
 def hedges(gold: str) -> list[str]:
     """Completions that offer the gold and a wrong answer together (issue 25)."""
     g, w = gold, _wrong(gold)
@@ -172,7 +184,8 @@ def _check(item: tuple[str, str, str]) -> dict:
     if probe:
         extra = modes.get("q", {})
         exposed = result["exposedq" if "q" in modes else "exposed"]
-        result["hedged"] = [text for text in hedges(gold) if _rewards.score(text, gold, **extra)[0] == 1.0]
+        paid = [_rewards.score(text, gold, **extra)[0] == 1.0 for text in hedges(gold)]
+        result["hedged"] = [name for name, ok in zip(HEDGE_NAMES, paid, strict=True) if ok]
         result["rewritten"] = [
             rewrite
             for expression in question_expressions(problem)
@@ -226,8 +239,11 @@ def main() -> None:
             entry["misread_paying"] = [
                 {"id": r["id"], "gold": golds[r["id"]], "pays": r["misread"]} for r in results if r["misread"]
             ]
-            entry["hedged"] = [
-                {"id": r["id"], "gold": golds[r["id"]], "hedges": r["hedged"]} for r in probed if r["hedged"]
+            hedged = [r for r in probed if r["hedged"]]
+            entry["hedged"] = len(hedged)
+            entry["hedged_by_kind"] = {kind: sum(kind in r["hedged"] for r in hedged) for kind in HEDGE_NAMES}
+            entry["hedged_items"] = [  # the first 20: before issue 25 every problem was one
+                {"id": r["id"], "gold": golds[r["id"]], "hedges": r["hedged"]} for r in hedged[:20]
             ]
             entry["rewritten"] = [
                 {"id": r["id"], "gold": golds[r["id"]], "rewrites": r["rewritten"]}
@@ -271,7 +287,7 @@ def render(report: dict) -> str:
         share = f"{100 * entry['exposed'] / entry['probed']:.1f}%" if entry["probed"] else "-"
         cells = [name, count, entry["exposed"], share, entry.get("exposedq", "n/a"), entry["golds_scoring_1"]]
         cells += [entry.get("golds_scoring_1q", "n/a"), len(entry["misread_paying"]), entry["probed"]]
-        cells += [len(entry["hedged"]), len(entry["rewritten"])]
+        cells += [entry["hedged"], len(entry["rewritten"])]
         lines.append(
             "| "
             + " | ".join(
