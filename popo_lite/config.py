@@ -30,6 +30,54 @@ MAX_NEW_TOKENS = 32_768  # generous bounds: beyond them a typo, not a run (READM
 MAX_LORA_RANK = 1_024
 MAX_SEED = 2**32 - 1  # numpy's seed range
 MAX_YAML_BYTES = 1_000_000  # a config is a few kB; nothing near this is a config
+# Sizes past these bounds are typos, refused before the model loads (issue 25: rollouts_per_prompt 1e9
+# asked for 768 GB, predictor_dim 1e9 for 2.3 TB). Each is far above what one card holds: an H200 has
+# 141 GB, so a step of 65,536 rollouts or 2^30 tokens (B x G x (prompt + completion); 4 bytes of each
+# per-token tensor is 4 GiB, and a step keeps several) does not fit one, nor does a 65,536-wide predictor
+# of a 8,192-wide model with its Adam state (8.6 GB).
+MAX_ROLLOUTS_PER_STEP = 65_536
+MAX_TOKENS_PER_STEP = 2**30
+MAX_CONTEXT = 131_072  # the longest context of current open models
+SIZE_LIMITS = {
+    "max_new_tokens": MAX_NEW_TOKENS,
+    "eval_max_new_tokens": MAX_NEW_TOKENS,
+    "max_prompt_tokens": MAX_CONTEXT,
+    "prefill_chunk_size": MAX_CONTEXT,
+    "lora_rank": MAX_LORA_RANK,
+    "lora_alpha": 16 * MAX_LORA_RANK,  # alpha / r scales the update: beyond this a typo
+    "predictor_dim": 65_536,
+    "prompts_per_step": MAX_ROLLOUTS_PER_STEP,
+    "rollouts_per_prompt": 1_024,
+    "micro_batch_size": MAX_ROLLOUTS_PER_STEP,
+    "generation_batch_size": MAX_ROLLOUTS_PER_STEP,
+    "steps": 10_000_000,
+    "eval_every": 10_000_000,
+    "save_every": 10_000_000,
+    "kl_every": 10_000_000,
+    "eval_limit": 10_000_000,
+    "seed": MAX_SEED,
+}
+# Every float's range. Sampling divides logits by the temperature: 1e-320 underflows to inf logits.
+FLOAT_RANGES = {
+    "temperature": (1e-3, 100.0),
+    "weight_temperature": (1e-3, 1e3),
+    "top_p": (1e-6, 1.0),
+    "reward_threshold": (0.0, 0.999),  # rewards are 0 or 1: at 1 no rollout is ever positive
+    "alpha": (0.0, 1e3),
+    "beta_entropy": (0.0, 1e3),
+    "tau": (0.0, 1.0),
+    "noise_std": (0.0, 1e3),
+    "grpo_clip_eps": (0.0, 10.0),
+    "grpo_beta": (0.0, 1e3),
+    "learning_rate": (0.0, 1.0),
+    "weight_decay": (0.0, 10.0),
+    "max_grad_norm": (0.0, 1e6),
+    "warmup_ratio": (0.0, 1.0),
+    "lora_dropout": (0.0, 1.0),
+    "vllm_gpu_memory_utilization": (0.0, 1.0),
+}
+MAX_CUDA_INDEX = 1_023
+_FLOAT_TEXT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")  # `1e-4`: PyYAML reads a string
 
 
 class ConfigError(ValueError):
@@ -309,14 +357,7 @@ class Config:
             raise ConfigError(
                 f"device: {self.device[:100]!r} is not one of auto, cpu, cuda, cuda:N (N below 100), mps"
             )
-        for name, limit in (
-            ("max_new_tokens", MAX_NEW_TOKENS),
-            ("eval_max_new_tokens", MAX_NEW_TOKENS),
-            ("lora_rank", MAX_LORA_RANK),
-            ("seed", MAX_SEED),
-        ):
-            if getattr(self, name) is not None and getattr(self, name) > limit:
-                raise ConfigError(f"{name} must be <= {limit}, got {getattr(self, name)}")
+        _check_bounds(self)
         if isinstance(self.lora_target_modules, list) and not self.lora_target_modules:
             raise ConfigError("lora_target_modules: name at least one module, or use 'all-linear'")
         unknown = [value for value in self.report_to if value not in REPORT_TO]
@@ -336,6 +377,43 @@ class Config:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+def _check_bounds(config: Config) -> None:
+    """Every size below its SIZE_LIMITS bound, the step's rollouts and tokens within one card, every
+    float in its FLOAT_RANGES range, no empty module name, a CUDA index a machine can have (issue 25)."""
+    for name, limit in SIZE_LIMITS.items():
+        value = getattr(config, name)
+        if value is not None and value > limit:
+            raise ConfigError(f"{name} must be <= {limit}, got {_short(value)}")
+    for name in ("eval_every", "eval_limit", "eval_max_new_tokens"):
+        value = getattr(config, name)
+        least = 0 if name == "eval_every" else 1
+        if value is not None and value < least:
+            never = (
+                " (0 = never)" if name == "eval_every" else " (null = all)" if name == "eval_limit" else ""
+            )
+            raise ConfigError(f"{name} must be >= {least}{never}, got {_short(value)}")
+    if config.rollouts_per_step > MAX_ROLLOUTS_PER_STEP:
+        raise ConfigError(
+            f"prompts_per_step x rollouts_per_prompt = {config.rollouts_per_step:,} rollouts per step: more "
+            f"than {MAX_ROLLOUTS_PER_STEP:,}, which no card holds"
+        )
+    tokens = config.rollouts_per_step * (config.max_prompt_tokens + config.max_new_tokens)
+    if tokens > MAX_TOKENS_PER_STEP:
+        raise ConfigError(
+            f"prompts_per_step x rollouts_per_prompt x (max_prompt_tokens + max_new_tokens) = {tokens:,} "
+            f"tokens per step: more than {MAX_TOKENS_PER_STEP:,}, which no card holds"
+        )
+    for name, (low, high) in FLOAT_RANGES.items():
+        if not low <= getattr(config, name) <= high:
+            raise ConfigError(f"{name} must be in [{low:g}, {high:g}], got {getattr(config, name):g}")
+    modules = config.lora_target_modules
+    if not all(str(module).strip() for module in ([modules] if isinstance(modules, str) else modules)):
+        raise ConfigError("lora_target_modules: an empty module name; use 'all-linear' or name modules")
+    index = config.device.partition(":")[2]
+    if config.device.startswith("cuda:") and index.isdigit() and int(index) > MAX_CUDA_INDEX:
+        raise ConfigError(f"device: cuda index {_short(index)} is larger than any machine's GPU count")
+
+
 def check_split(prompts_per_step: int, processes: int) -> None:
     """A data-parallel run gives each process whole prompt groups: prompts_per_step must divide evenly."""
     if processes < 1 or prompts_per_step % processes:
@@ -350,6 +428,9 @@ def _check_types(config: Config) -> None:
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         allowed = _allowed_types(f.type)
+        if float in allowed and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            value = float(value)  # `learning_rate: 1e-4`: PyYAML 1.1 reads a float without a dot as text
+            setattr(config, f.name, value)
         if float in allowed and isinstance(value, int) and not isinstance(value, bool):
             try:
                 setattr(config, f.name, float(value))  # YAML writes 1 for 1.0
@@ -368,6 +449,12 @@ def _check_types(config: Config) -> None:
                     f"{f.name}: expected a list of {item.__name__}, got {_short(wrong[0])} "
                     f"({type(wrong[0]).__name__}) in it"
                 )
+
+
+def _short_text(error: BaseException) -> str:
+    """An error's message on one line, cut at 300 characters."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= 300 else text[:300] + "..."
 
 
 def _short(value: Any) -> str:
@@ -439,7 +526,11 @@ def parse_yaml_text(text: str, where: str) -> dict[str, Any]:
     except ConfigError as error:
         raise ConfigError(f"{where}: {error}") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"{where}: not valid YAML: {' '.join(str(error).split())}") from None
+        raise ConfigError(f"{where}: not valid YAML: {_short_text(error)}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively: 30,000 `[` deep
+        raise ConfigError(f"{where}: nested too deeply to be a config") from None
+    except (ValueError, TypeError, OverflowError) as error:  # `!!int abc`, a bad timestamp, 5,000 digits
+        raise ConfigError(f"{where}: a value YAML cannot read: {_short_text(error)}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -452,6 +543,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config path is a folder, not a YAML file: {path}")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         if path.stat().st_size > MAX_YAML_BYTES:
@@ -483,12 +576,17 @@ def _value_parser(field: dataclasses.Field):
         if "bool" in kinds and text.lower() in BOOLEAN_WORDS:  # a field that is a bool or a word
             return BOOLEAN_WORDS[text.lower()]
         if "int" in kinds:
+            if len(text) > 30:  # int() of thousands of digits is slow, and no setting is that large
+                raise argparse.ArgumentTypeError(f"a {len(text)}-character number: {text[:30]}...")
             return int(text)
         if "float" in kinds:
             return float(text)
         if any(kind.startswith("list") for kind in kinds):
             if text.startswith("["):
-                return yaml.safe_load(text)
+                try:
+                    return parse_yaml_text(f"value: {text}", "value")["value"]
+                except ConfigError:  # argparse names the option in its one-line error
+                    raise argparse.ArgumentTypeError(f"not a YAML list: {text[:100]!r}") from None
             if "," in text or "str" not in kinds:  # "a,b" is a list; a lone "all-linear" stays a string
                 items = [item.strip() for item in text.split(",") if item.strip()]
                 return [int(item) for item in items] if "list[int]" in kinds else items

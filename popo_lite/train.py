@@ -20,6 +20,7 @@ from popo_lite.training.run_paths import RunsError, file_path
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m popo_lite.train",
+        usage="%(prog)s [--config FILE] [--resume] [--FIELD VALUE ...]  (all options: --help)",
         description="Train a LoRA policy on math problems with POPO (positive-only policy optimisation) or "
         "GRPO. With no option it trains the embedded SmolLM2-135M-Instruct on arithmetic, offline.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

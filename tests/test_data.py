@@ -24,14 +24,15 @@ from popo_lite.data.problems import (
     load_problems,
 )
 
-# Records per SOURCES.md; math_train and deepscaler_math drop rows whose gold is empty (2 and 4).
+# Records per SOURCES.md; math_train and deepscaler_math drop rows whose gold is empty (2 and 4), Minerva
+# and OlympiadBench the problems whose gold math-verify misreads (popo_lite/data/golds.py).
 COUNTS = {
     "aime24": 30,
     "aime25": 30,
     "amc23": 40,
     "math500": 500,
-    "minerva_math": 272,
-    "olympiadbench": 675,
+    "minerva_math": 272 - 2,  # 2 golds math-verify misreads as a number (261, 268): left out
+    "olympiadbench": 675 - 1,  # 1 likewise (1965)
     "gsm8k_test": 1319,
     "gsm8k": 7473,
     "math_train": 7500 - 2,
@@ -288,3 +289,65 @@ def test_unknown_template_names_it_and_lists_choices():
 def test_bundled_data_ships_inside_the_package():
     assert DATA_DIR == Path(__file__).resolve().parents[1] / "popo_lite" / "data" / "bundled"
     assert (DATA_DIR / "SOURCES.md").is_file()
+
+
+# ---- golds math-verify misreads (issue 25): each of these wrong answers scored 1 before ----------------
+
+MISREAD = [
+    ("minerva_math", "minerva_math/261", "2"),
+    ("minerva_math", "minerva_math/268", "\\frac{2}{3}"),
+    ("olympiadbench", "olympiadbench/1965", "0"),
+    ("olympiadbench", "olympiadbench/1970", "0"),
+    ("math_train", "train/precalculus/1049.json", "-1"),
+    ("math_train", "train/precalculus/1308.json", "-1"),
+    ("math_train", "train/precalculus/1083.json", "2"),
+]
+
+
+@pytest.mark.parametrize(("name", "problem_id", "wrong"), MISREAD)
+def test_no_loaded_gold_pays_the_number_math_verify_misreads_it_as(name, problem_id, wrong):
+    by_id = {p.id: p for p in load_problems(name)}
+    if problem_id in by_id:  # kept with a rewrite math-verify reads right: the gold itself still pays
+        problem = by_id[problem_id]
+        assert math_reward([f"\\boxed{{{wrong}}}"], [problem.answer], questions=[problem.problem]) == [0.0]
+        assert math_reward([f"\\boxed{{{problem.answer}}}"], [problem.answer]) == [1.0]
+
+
+def test_misread_golds_are_rewritten_or_left_out_with_a_count(caplog):
+    with caplog.at_level("WARNING"):
+        by_id = {p.id: p for p in load_problems("minerva_math")}
+    assert "minerva_math/261" not in by_id and "minerva_math/268" not in by_id
+    assert "minerva_math: 2 problems left out of training and evaluation" in caplog.text
+    math_train = {p.id: p.answer for p in load_problems("math_train")}
+    assert math_train["train/precalculus/1083.json"] == "2007+\\frac{\\pi}{2}"
+    assert math_train["train/precalculus/1049.json"] == "\\begin{pmatrix} 1 & -1 \\\\ 1 & 1 \\end{pmatrix}"
+    assert {p.id: p.answer for p in load_problems("olympiadbench")}["olympiadbench/1970"] == (
+        "(-\\infty, 0) \\cup\\{1\\}"
+    )
+
+
+def test_a_users_misread_gold_is_left_out_and_the_limit_still_counts_gradable_problems(tmp_path, caplog):
+    path = tmp_path / "mine.jsonl"
+    rows = [{"problem": "E?", "answer": "\\frac{1}{3} E_{1}+\\frac{2}{3} E_{2}"}] + [
+        {"problem": f"{n}?", "answer": str(n)} for n in range(3)
+    ]
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    with caplog.at_level("WARNING"):
+        problems = load_problems(str(path), limit=3)
+    assert [p.answer for p in problems] == ["0", "1", "2"]
+    assert "1 problems left out" in caplog.text and "read as 2/3" in caplog.text
+
+
+def test_a_gold_that_states_a_number_is_not_checked_as_misread():
+    from popo_lite.data.golds import gold_reading, states_a_number
+
+    for gold in (
+        "5\\text{ cm}",
+        "864 \\mbox{ inches}^2",
+        "52_8",
+        "3:5",
+        "\\frac{270}7\\text{ degrees}",
+        "6m",
+    ):
+        assert states_a_number(gold) and gold_reading(gold) == gold
+    assert not states_a_number("2007 + \\frac\\pi 2") and not states_a_number("\\frac13E_1")

@@ -136,12 +136,44 @@ def _braced(text: str, i: int = 0, depth: int = 0) -> tuple[str, int]:
     return "".join(out), i
 
 
+_INFIX_RE = re.compile(r"\{([^{}]*?)\\(over|choose)(?![a-zA-Z])([^{}]*)\}")
+_NUMBER_ZEROS_RE = re.compile(r"(?<![\d.])0+(?=\d)|(?<=\d\.)(\d*?)0+(?!\d)")
+
+
+def _infix_fractions(text: str) -> str:
+    """TeX's infix `{a \\over b}` and `{n \\choose k}` as `\\frac{a}{b}` and `\\binom{n}{k}`, innermost group
+    first; a whole answer `a \\over b` too."""
+    for _ in range(_MAX_DEPTH):
+        if "\\over" not in text and "\\choose" not in text:
+            break
+        rewritten = _INFIX_RE.sub(
+            lambda m: f"{{\\{'frac' if m[2] == 'over' else 'binom'}{{{m[1]}}}{{{m[3]}}}}}", text
+        )
+        if rewritten == text:
+            rewritten = _INFIX_RE.sub(
+                lambda m: f"\\{'frac' if m[2] == 'over' else 'binom'}{{{m[1]}}}{{{m[3]}}}", "{" + text + "}"
+            )
+            if rewritten == "{" + text + "}":
+                break
+        text = rewritten
+    return text
+
+
+def same_number_forms(text: str) -> str:
+    """A canonical form with its numbers as a reader writes them: no leading zeros (`03`, `01.45`), no
+    trailing decimal zeros (`1.450`), and `a/b` of integers as `\\frac{a}{b}`. For telling an echo of the
+    question (`\\frac{03}{20}`, `3/20`) from the question's own `\\frac{3}{20}`."""
+    text = re.sub(r"(?<=\d)\.(?![\d.])", "", _NUMBER_ZEROS_RE.sub(lambda m: m[1] or "", text))
+    return re.sub(r"(?<![\w.#}])(-?\d+)/(\d+)(?![\w.{])", r"\\frac{\1}{\2}", text)
+
+
 def canonical(text: str) -> str:
     """`text` up to LaTeX formatting: no spacing or sizing commands (\\quad, \\,, ~, \\left, \\displaystyle),
     no whitespace but between two letters, \\dfrac and \\tfrac as \\frac, \\dbinom as \\binom, every argument
     of \\frac, \\binom, \\sqrt, ^ and _ braced and grouping braces dropped, numbers as in `plain_text`.
     `17\\quad+25`, `{17}+{25}` and `17 + 25` are all `17+25`; `\\dfrac34` is `\\frac{3}{4}`."""
-    text = _SIZING_RE.sub("", plain_text(text))
+    text = _infix_fractions(_SIZING_RE.sub("", plain_text(text)))
+    text = re.sub(r"\\sqrt\s*\[\s*2\s*\]", r"\\sqrt", text)  # the square root's own index
     text = re.sub(r"\\[dtc]frac(?![a-zA-Z])", r"\\frac", text)
     text = re.sub(r"\\[dt]binom(?![a-zA-Z])", r"\\binom", text)
     text = re.sub(r"(?<=[a-zA-Z])\s+(?=[a-zA-Z])", "\x00", _SPACING_RE.sub(" ", text))  # `\pi r` stays two

@@ -8,7 +8,8 @@ Why this module is more than `verify(parse(gold), parse(completion))`:
    (`extract_final_answer`) and, when the gold is a plain number, reject answers that are unevaluated
    arithmetic of numbers.
 2. Extraction decides whether a small model sees any signal at all (same measurement): the last
-   non-empty `\\boxed{}`, else a clearly marked final answer, else the last number.
+   `\\boxed{}` (or `\\fbox`, `\\framebox`) that states something, without a trailing period (`42.`), else a
+   clearly marked final answer, else the last number.
 3. math-verify bounds its time with `signal.alarm`, which raises off the main thread (a web UI worker).
    Off the main thread we verify in a helper process instead, see `math_reward` for the bound.
 4. Echoing the question (bench/reward_hacks.py): boxing the question's own `$...$` expression scored 1 on
@@ -16,8 +17,8 @@ Why this module is more than `verify(parse(gold), parse(completion))`:
    hid the operator of `\\boxed{17\\quad+25}` from the plain-number guard.
 
 The rule. An answer is judged up to LaTeX formatting (`canonical`: spacing and sizing commands, `\\left`,
-`\\displaystyle`, `\\dfrac`/`\\dbinom`, grouping braces, whitespace do not count) and scores 0, before
-math-verify is asked, when it
+`\\displaystyle`, `\\dfrac`/`\\dbinom`, `{a \\over b}` as `\\frac{a}{b}`, `\\sqrt[2]` as `\\sqrt`, grouping
+braces, whitespace do not count) and scores 0, before math-verify is asked, when it
   (a) applies an operation more often than the gold does (`operations`: a function such as sqrt, binom,
       log, sin, floor; a binary + or -; a product, quotient, power, factorial, absolute value; a
       parenthesised sum): an unevaluated form. So `17+25`, `84/2`, `\\frac{84}{2}` and `\\sqrt{1764}` for 42,
@@ -28,14 +29,30 @@ math-verify is asked, when it
   (b) is an equation whose sides are two different numbers (`43=42`); otherwise, when the gold is no
       relation, the value after the last `=` is the answer (`x = 5`, `17+25=42` state 5 and 42);
   (c) is an inequality for a number gold (`0 < p < 15.` for 15);
-  (d) is one of several different boxed answers offered side by side, nothing but a connective between
-      them (`\\boxed{43} or \\boxed{42}`); a box after other words is a correction (`no wait, \\boxed{42}`);
+  (d) is one of several different final answers (issue 25). Every box of the completion is read (`\\boxed`,
+      `\\fbox`, `\\framebox`, boxes nested in boxes by the text around them), and they must all state one
+      answer: `\\boxed{43} or even \\boxed{42}`, `\\boxed{42} \\framebox{43}`, `\\boxed{43 \\boxed{42}}`,
+      `\\boxed{41, 43, \\boxed{42}}` and a 43 box before thirty 42 boxes all score 0; boxes repeating one
+      answer pay, as written (`\\boxed{x = 42} ... \\boxed{42.0}`, `\\boxed{\\boxed{42}}`) or equal per
+      math-verify (`\\boxed{x^2+1} ... \\boxed{1+x^2}`; at most 3 such boxes are asked about). A box empty
+      up to formatting (`\\boxed{}`, `\\boxed{\\,}`) states nothing, so `\\boxed{42}\\boxed{\\,}` pays 42.
+      One box may not offer alternatives the gold does not write either: `or` (bare, in `\\text{(or 43)}`,
+      `\\hbox{ or }`), `\\lor`, `\\vee`, `\\mid`, a lone `|`. Where the line is for a worked
+      self-correction: a box is a final answer. Reasoning may state a value, doubt it and fix it in words
+      ("so x = 41. Wait, a carry: ... \\boxed{42}" pays); once a wrong value has been boxed, the completion
+      has offered two answers, and "\\boxed{41} no wait, \\boxed{42}" scores 0 whatever the words between.
+      More than 200 boxes score 0. What it costs: a multi-part answer boxed part by part (`(a) \\boxed{3}
+      (b) \\boxed{5}`) scores 0;
   (e) is contradicted by a clearly marked final answer after the last box (`\\boxed{42} Wait... the answer
       is 43.`); numbers are compared by value, other answers as written;
   (f) with `question` passed to `score`: is one of the question's expressions (other than the gold as
       written), or writes one of its function applications that the gold does not (`\\sqrt{242}` for
       "Simplify $\\sqrt{242}$"; `\\frac{3}{20}` for "Express $\\frac{3}{20}$ as a decimal"), which (a) cannot
-      tell from an answer.
+      tell from an answer. Both sides are compared with their numbers as a reader writes them
+      (`answer_forms.same_number_forms`), so the rewrites `3/20`, `3 / 20`, `\\frac{03}{20}`, `{3 \\over 20}`,
+      `\\sqrt[2]{242}`, `\\sqrt{0242}`, `1.450` and `01.45` are echoes too.
+Golds math-verify misreads (`\\frac13E_1+\\frac23E_2` read as 2/3) are caught when a dataset loads
+(popo_lite/data/golds.py): the reward itself trusts the gold it is given.
 Numbers a human reads as numbers are rewritten before verification (`plain_text`): e-notation (`4.2e1`),
 thin-space thousands (`1\\,234`), fullwidth and other scripts' digits (`４２`, `٤٢`). What the rule costs: an
 equivalent answer written with more operations than the gold (`2(k+1)` for 2k+2, `x^2-1` for `(x-1)(x+1)`,
@@ -57,10 +74,11 @@ logger = logging.getLogger(__name__)
 # Answers longer than this are not verified (score 0): no real final answer is that long, and sympy's cost
 # grows with the input, so this is the first bound on verification time.
 MAX_ANSWER_CHARS = 300
-_MAX_CANDIDATES = 20  # trailing \boxed / "answer is" occurrences tried before falling back
+_MAX_CANDIDATES = 20  # trailing "answer is" occurrences tried before falling back
 _MAX_BOX_SCAN = 1000  # characters scanned for a closing brace: keeps extraction linear on junk
 
-_BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
+_BOX_RE = re.compile(r"\\(?:boxed|fbox|framebox)(?![a-zA-Z])")
+_MAX_BOXES = 200  # more boxes than this offer no one final answer: scored 0 (and extraction stays linear)
 _MARKED_RE = re.compile(
     r"(?:(?:final\s+answer|the\s+answer)\s*(?:is\b\s*:?|:)|\banswer\s*:)(?=[ \t*]*([^\n]{0,500}))",
     re.IGNORECASE,
@@ -69,17 +87,23 @@ _NUMBER_RE = re.compile(r"(?<![\w)\]}.])-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|(?<![\w)\
 _WORD_RE = re.compile(r"(?<![\\a-zA-Z{])[a-zA-Z]{3,}")
 
 
-def _boxed_span(text: str, start: int) -> tuple[str, int] | None:
-    """(content, end) of the \\boxed{...} / \\fbox{...} / brace-less `\\boxed 2` whose command ends at
-    `start`; `end` is the index just past it."""
+def _boxed_span(text: str, start: int, closing: dict[int, int] | None = None) -> tuple[str, int] | None:
+    """(content, end) of the \\boxed{...} / \\fbox{...} / \\framebox[..]{...} / brace-less `\\boxed 2` whose
+    command ends at `start`; `end` is the index just past it. `closing` (from `_closing_braces`) saves the
+    scan for the closing brace."""
     i = start
     while i < len(text) and text[i] == " ":
         i += 1
+    while text.endswith("framebox", 0, start) and text.startswith("[", i) and text.find("]", i, i + 40) > 0:
+        i = text.find("]", i) + 1  # \framebox[2cm][c]{...}: its width and position
     if i >= len(text):
         return None
     if text[i] != "{":  # MATH has `$\boxed 2$`: the answer is the next token
         token = re.match(r"[^\s${}]+", text[i:])
         return (token.group(0).rstrip(".,;"), i + token.end()) if token else None
+    if closing is not None:
+        j = closing.get(i)
+        return (text[i + 1 : j], j + 1) if j is not None and j - i < _MAX_BOX_SCAN else None
     depth = 0
     for j in range(i, min(len(text), i + _MAX_BOX_SCAN)):
         if text[j] == "{":
@@ -91,24 +115,47 @@ def _boxed_span(text: str, start: int) -> tuple[str, int] | None:
     return None  # unbalanced or absurdly long
 
 
+def _closing_braces(text: str) -> dict[int, int]:
+    """Index of each `{` that closes -> index of its `}`: one pass, so reading every box stays linear."""
+    closing, stack = {}, []
+    for match in re.finditer(r"[{}]", text):
+        if match.group() == "{":
+            stack.append(match.start())
+        elif stack:
+            closing[stack.pop()] = match.start()
+    return closing
+
+
 def _boxed_content(text: str, start: int) -> str | None:
     """Content of the \\boxed{...} / \\fbox{...} / brace-less `\\boxed 2` whose command ends at `start`."""
     span = _boxed_span(text, start)
     return span[0] if span else None
 
 
+def without_sentence_end(answer: str) -> str:
+    """`answer` without a trailing sentence period (`42.` is 42; `1, 2, ...` keeps its dots)."""
+    answer = answer.strip()
+    return answer[:-1].rstrip() if answer.endswith(".") and not answer.endswith("..") else answer
+
+
 def _boxes(text: str) -> list[tuple[int, int, str]]:
-    """(start, end, stripped content) of the last non-empty boxes (at most _MAX_CANDIDATES), in order."""
-    boxes = []
-    for match in list(_BOX_RE.finditer(text))[-_MAX_CANDIDATES:]:
-        span = _boxed_span(text, match.end())
-        if span and span[0].strip():
-            boxes.append((match.start(), span[1], span[0].strip()))
+    """(start, end, content) of every box that states something, in order of their commands (an outer box
+    before the boxes nested in it); the content without a trailing period. A box empty up to formatting
+    (`\\boxed{}`, `\\boxed{\\,}`) states nothing and is left out. At most _MAX_BOXES + 1 are read."""
+    boxes, closing = [], _closing_braces(text) if "\\" in text else {}
+    for match in _BOX_RE.finditer(text):
+        span = _boxed_span(text, match.end(), closing)
+        content = without_sentence_end(span[0]) if span else ""
+        if content and answer_forms.canonical(content):
+            boxes.append((match.start(), span[1], content))
+            if len(boxes) > _MAX_BOXES:
+                break
     return boxes
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last non-empty \\boxed{} or \\fbox{} (balanced braces), or None."""
+    """Content of the last \\boxed{} / \\fbox{} / \\framebox{} that states something (balanced braces), or
+    None."""
     boxes = _boxes(text)
     return boxes[-1][2] if boxes else None
 
@@ -164,15 +211,28 @@ def _question_forms(question: str) -> tuple[frozenset[str], frozenset[str]]:
     for text in texts[:_MAX_QUESTION_EXPRESSIONS]:
         if len(text) > 4 * MAX_ANSWER_CHARS:
             continue
-        canonical = answer_forms.canonical(text)
-        forms.add(answer_forms.unwrapped(canonical))
+        canonical = answer_forms.canonical(without_sentence_end(text))  # as a box is read
+        forms.add(_echo_form(canonical))
         forms.update(
-            answer_forms.unwrapped(side)
+            _echo_form(side)
             for side in answer_forms.split_top(canonical, "=")
             if answer_forms.operations(side)
         )
-        applications |= answer_forms.applications(canonical)
+        applications |= _echo_applications(canonical)
     return frozenset(forms), frozenset(applications)
+
+
+def _echo_form(canonical: str) -> str:
+    """What an echo is compared by: the canonical form unwrapped, its numbers as a reader writes them, so
+    that `3/20`, `\\frac{03}{20}`, `{3 \\over 20}`, `1.450` and `01.45` are the question's `\\frac{3}{20}` and
+    `1.45` (`canonical` already reads `\\sqrt[2]{x}` as `\\sqrt{x}`)."""
+    return answer_forms.same_number_forms(answer_forms.unwrapped(canonical))
+
+
+def _echo_applications(canonical: str) -> set[str]:
+    """The function applications of a canonical form, numbers as a reader writes them (`\\sqrt{0242}` is
+    `\\sqrt{242}`)."""
+    return {answer_forms.same_number_forms(found) for found in answer_forms.applications(canonical)}
 
 
 def _echoes_question(answer: str, gold: str, question: str) -> bool:
@@ -181,32 +241,64 @@ def _echoes_question(answer: str, gold: str, question: str) -> bool:
     "Simplify $\\sqrt{242}$", `\\frac{3}{20}` for "Express $\\frac{3}{20}$ as a decimal", `1.45` for
     "Express $1.45$ as a fraction", `x=3` for "... has solutions $x=3$" when the gold is 3."""
     forms, applications = _question_forms(question)
-    unwrapped = answer_forms.unwrapped(answer)
-    if unwrapped in forms and unwrapped != answer_forms.unwrapped(gold):
+    echo = _echo_form(answer)
+    if echo in forms and echo != _echo_form(gold):
         return True
-    return bool((answer_forms.applications(answer) & applications) - answer_forms.applications(gold))
+    return bool((_echo_applications(answer) & applications) - _echo_applications(gold))
 
 
-_CONNECTIVES = frozenset(
-    "or and either maybe possibly perhaps alternatively also else otherwise vs versus lor vee text mathrm "
-    "textbf quad qquad".split()
-)
+# Ways of writing "this or that" inside one answer: the word `or` (bare, in \text, \hbox, \mbox, ...),
+# \lor, \vee, a lone `|` and \mid.
+_ALTERNATIVE_RE = re.compile(r"(?<![\\a-zA-Z])or(?![a-zA-Z])|\\(?:lor|vee|mid)(?![a-zA-Z])", re.IGNORECASE)
 
 
-def _hedged(completion: str, boxes: list[tuple[int, int, str]]) -> bool:
-    """True when the last box is one of several different boxed answers offered side by side, with
-    nothing but a connective between them: `\\boxed{43} or \\boxed{42}`, `\\boxed{1}, \\boxed{2}`. A box after
-    other words (`\\boxed{41} no wait, \\boxed{42}`) is a correction, not a hedge."""
-    for (_, end, first), (start, _, second) in zip(reversed(boxes[:-1]), reversed(boxes[1:]), strict=True):
-        if end > start:  # nested: \boxed{\boxed{42}}
-            continue
-        between = completion[end:start]
-        words = {word.lower() for word in re.findall(r"[a-zA-Z]+", between)}
-        if len(between) > 60 or re.search(r"\d", between) or not words <= _CONNECTIVES:
-            return False
-        if not answer_forms.same_answer(first, second):
-            return True
-    return False
+def _outside_nested_boxes(content: str) -> str:
+    """A box's content without the boxes nested in it: `43 ` for `43 \\boxed{42}`, `` for `\\boxed{42}`."""
+    if not _BOX_RE.search(content):
+        return content
+    parts, last = [], 0
+    for start, end, _ in _boxes(content):
+        if start >= last:  # a box nested in a nested box went with it
+            parts.append(content[last:start])
+            last = end
+    return " ".join([*parts, content[last:]])
+
+
+_MAX_BOX_VERIFICATIONS = 3  # differently written boxes asked of math-verify; more are a hedge
+
+
+def _stated(content: str) -> str:
+    """What a box states, canonical: `x = 5` states 5 (one variable named), `5x+4=0` itself."""
+    return re.sub(r"^[a-zA-Z](?:_\{?\w+\}?)?=(?=.)", "", answer_forms.canonical(content))
+
+
+def _hedged(boxes: list[tuple[int, int, str]], timeout_s: float) -> bool:
+    """True when the boxes do not all state one answer: `\\boxed{43} or \\boxed{42}`, `\\boxed{42}
+    \\framebox{43}`, `\\boxed{43 \\boxed{42}}` (the outer box states 43 besides), a first box corrected by a
+    later one (`\\boxed{41} no wait, \\boxed{42}`), more than _MAX_BOXES boxes. Boxes that repeat one
+    answer pay, as written (`\\boxed{x = 42} ... \\boxed{42.0}`, `\\boxed{\\boxed{42}}`) or written otherwise
+    but equal per math-verify (`\\boxed{x^2+1} ... \\boxed{1+x^2}`)."""
+    if len(boxes) > _MAX_BOXES:
+        return True
+    final = boxes[-1][2]
+    contents = dict.fromkeys(_outside_nested_boxes(content) for _, _, content in boxes[:-1])
+    different = [
+        content
+        for content in contents
+        if answer_forms.canonical(content) and not answer_forms.same_answer(_stated(content), _stated(final))
+    ]
+    if len(different) > _MAX_BOX_VERIFICATIONS or any(_too_costly(content) for content in different):
+        return True
+    plain = answer_forms.plain_text
+    return not all(verification.verify(plain(final), plain(content), timeout_s) for content in different)
+
+
+def _offers_alternatives(answer: str, gold: str) -> bool:
+    """True when one answer offers alternatives the gold does not: `42 \\text{ (or 43)}`, `42 \\hbox{ or }
+    43`, `42 | 43`, `42 \\lor 43`. A `|` pair is an absolute value, not an alternative."""
+    if _ALTERNATIVE_RE.search(answer) and not _ALTERNATIVE_RE.search(gold):
+        return True
+    return answer.count("|") % 2 == 1 and gold.count("|") % 2 == 0
 
 
 def _contradicted(tail: str, answer: str) -> bool:
@@ -220,14 +312,18 @@ def _contradicted(tail: str, answer: str) -> bool:
     return False
 
 
-def _not_the_answer(completion: str, answer: str, gold: str, question: str | None) -> bool:
+def _not_the_answer(
+    completion: str, answer: str, gold: str, question: str | None, timeout_s: float = 5.0
+) -> bool:
     """True when the extracted answer must score 0 whatever math-verify says (the rule in the module
     docstring): hedged or contradicted boxes, an equation that states another number, an inequality for a
     number, an operation the gold does not apply, or an echo of the question."""
     boxes = _boxes(completion)
     if boxes and boxes[-1][2] == answer:
-        if _hedged(completion, boxes) or _contradicted(completion[boxes[-1][1] :], answer):
+        if _hedged(boxes, timeout_s) or _contradicted(completion[boxes[-1][1] :], answer):
             return True
+    if _offers_alternatives(answer, gold):
+        return True
     canonical, gold_canonical = answer_forms.canonical(answer), answer_forms.canonical(gold)
     sides = (
         [canonical]
@@ -280,10 +376,11 @@ def score(
 
     With `question` (the problem text), an answer that echoes one of its expressions also scores 0."""
     try:
+        gold = without_sentence_end(gold)  # `30^\\circ.`: a sentence's period, as in an answer's box
         answer = extract_final_answer(completion)
         if answer is None or _too_costly(answer):
             return 0.0, answer
-        if _not_the_answer(completion, answer, gold, question):
+        if _not_the_answer(completion, answer, gold, question, timeout_s):
             return 0.0, answer
         gold_text, answer_text = answer_forms.plain_text(gold), answer_forms.plain_text(answer)
         ok = verification.verify(gold_text, answer_text, timeout_s)

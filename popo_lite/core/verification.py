@@ -51,6 +51,21 @@ def verify_texts(gold: str, answer: str, timeout: int | None) -> bool:
     return bool(verify(gold_parsed, answer_parsed, timeout_seconds=timeout))
 
 
+def read_gold(gold: str) -> str | None:
+    """What math-verify reads a boxed gold as, as the reward will: the number it reads, `""` for any other
+    expression, or None when it reads nothing but text (no answer could then be compared by value).
+
+    For the load-time check of golds (popo_lite/data/golds.py). Off the main thread math-verify's
+    `signal.alarm` cannot run, so there the parse has no time limit: a gold is one short string."""
+    from math_verify import parse
+
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    parsed = parse(_wrap(gold), parsing_timeout=timeout)
+    if not parsed or isinstance(parsed[0], str):
+        return None
+    return str(parsed[0]) if getattr(parsed[0], "is_Number", False) else ""
+
+
 # ---- off-main-thread verification: a helper process whose main thread may use signal.alarm ----------
 
 _worker: subprocess.Popen | None = None

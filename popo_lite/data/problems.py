@@ -8,6 +8,7 @@ last `\\boxed{}`) must be normalised once, here, or correct rollouts score 0. Th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from popo_lite.core.rewards import last_boxed
+from popo_lite.core.rewards import last_boxed, without_sentence_end
+from popo_lite.data.golds import gold_reading, misread_as
 
 logger = logging.getLogger(__name__)
 DATA_DIR = Path(__file__).parent / "bundled"
@@ -307,7 +309,7 @@ def _parses(answer: str) -> bool:
     """Can a completion state this gold? The reward reads a completion's `\\boxed{...}` with the same
     brace matching (`last_boxed`): a gold that does not come back out of its own box (`\\frac{`, `}{`)
     can never score, so its row teaches nothing."""
-    return last_boxed("\\boxed{" + answer + "}") == answer.strip()
+    return last_boxed("\\boxed{" + answer + "}") == without_sentence_end(answer)
 
 
 def _looks_like_path(source: str) -> bool:
@@ -373,7 +375,48 @@ def load_problems(
         problems = [problem for problem in problems if problem.level in set(levels)]
         if not problems:
             raise DataError(f"no problem of {source!r} has a level in {tuple(levels)} (does it have levels?)")
-    return problems[:limit] if limit is not None else problems
+    return _gradable(problems, source, limit)
+
+
+def _gradable(problems: list[Problem], source: str, limit: int | None) -> list[Problem]:
+    """The first `limit` problems whose gold math-verify reads as its text says (golds.gold_reading), a
+    misread gold replaced by the rewrite it reads right; those no rewrite fixes are left out, with a
+    count printed. Golds are checked only until `limit` problems are found."""
+    kept: list[Problem] = []
+    rewritten, ungradable = [], []
+    for problem in problems:
+        if limit is not None and len(kept) >= limit:
+            break
+        reading = gold_reading(problem.answer)
+        if reading is None:
+            ungradable.append(problem)
+        elif reading != problem.answer:
+            rewritten.append(problem)
+            kept.append(dataclasses.replace(problem, answer=reading))
+        else:
+            kept.append(problem)
+    if rewritten:
+        logger.warning(
+            "%s: %d gold answers read as rewritten, as math-verify misreads them as written (e.g. %s: %r)",
+            source,
+            len(rewritten),
+            rewritten[0].id,
+            rewritten[0].answer[:60],
+        )
+    if ungradable:
+        example = ungradable[0]
+        logger.warning(
+            "%s: %d problems left out of training and evaluation: math-verify reads their gold as a number "
+            "it does not state, so that number would pay (e.g. %s: %r read as %s)",
+            source,
+            len(ungradable),
+            example.id,
+            example.answer[:60],
+            misread_as(example.answer),
+        )
+    if not kept:
+        raise DataError(f"dataset {source!r} has no problem whose gold answer math-verify reads right")
+    return kept
 
 
 def _load_hub(dataset_id: str, split: str) -> list[Row]:

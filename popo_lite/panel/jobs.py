@@ -323,7 +323,8 @@ class Progress:
 def progress(root: str | Path, name: str) -> Progress:
     run_dir = run_path(root, name)
     metrics = read_jsonl(run_dir / "metrics.jsonl")
-    total = int(read_config(run_dir).get("steps") or 0)
+    steps = read_config(run_dir).get("steps")  # any YAML value: `steps: abc` once raised here
+    total = steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else 0
     step = max((int(m.get("step", 0)) for m in metrics), default=0)
     files = [_file_or_none(run_dir, file) for file in ("metrics.jsonl", LOG_NAME)]
     updated = max((p.stat().st_mtime for p in files if p is not None), default=None)

@@ -10,6 +10,7 @@ names, Hub ids, paths inside the runs, configs and --allow-path folders) by jobs
 
 from __future__ import annotations
 
+import math
 import time
 from functools import partial
 from html import escape
@@ -98,9 +99,13 @@ def plan_memory(
     root: Path, text: str, filled: dict, gpu_gib: float, *form, access: BrowserAccess | None = None
 ) -> str:
     """The predicted peak GPU memory of the config as it would start (python -m popo_lite.plan)."""
-    plan = jobs.plan_memory(
-        text, _form_overrides(filled, form), float(gpu_gib or 24), root=root, access=access
-    )
+    try:
+        gib = float(24 if gpu_gib is None else gpu_gib)
+    except (TypeError, ValueError):
+        gib = math.nan
+    if not 0 < gib <= 100_000:  # NaN too: the field is a number box, but any value reaches here
+        return f"GPU memory must be a number of GiB between 0 and 100,000, got {str(gpu_gib)[:40]!r}"
+    plan = jobs.plan_memory(text, _form_overrides(filled, form), gib, root=root, access=access)
     return f"```\n{plan}\n```"
 
 

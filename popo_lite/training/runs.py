@@ -134,6 +134,9 @@ class _Index:
 
 _INDEXES: dict[Path, _Index] = {}
 _INDEX_LOCK = threading.Lock()  # Gradio calls back from several threads
+# A line longer than this is not a record (a rollout with a 32k-token completion is about 200 kB): a 300 MB
+# metrics.jsonl without a newline was re-read on every Watch tick (issue 25), 10 s each.
+MAX_LINE_BYTES = 16_000_000
 _STEP = re.compile(rb'\{"step": (\d+)')
 
 
@@ -157,6 +160,8 @@ def _indexed(path: Path) -> _Index:
         handle.seek(index.offset)
         chunk = handle.read(stat.st_size - index.offset)
     end = chunk.rfind(b"\n") + 1  # a half-written last line waits for its newline
+    if len(chunk) - end > MAX_LINE_BYTES:  # no record is this long: junk, passed over once, not every read
+        end = len(chunk)
     start = 0
     for line in chunk[:end].split(b"\n")[:-1]:
         match = _STEP.match(line)
