@@ -76,7 +76,6 @@ FLOAT_RANGES = {
     "lora_dropout": (0.0, 1.0),
     "vllm_gpu_memory_utilization": (0.0, 1.0),
 }
-MAX_CUDA_INDEX = 1_023
 _FLOAT_TEXT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")  # `1e-4`: PyYAML reads a string
 
 
@@ -409,9 +408,6 @@ def _check_bounds(config: Config) -> None:
     modules = config.lora_target_modules
     if not all(str(module).strip() for module in ([modules] if isinstance(modules, str) else modules)):
         raise ConfigError("lora_target_modules: an empty module name; use 'all-linear' or name modules")
-    index = config.device.partition(":")[2]
-    if config.device.startswith("cuda:") and index.isdigit() and int(index) > MAX_CUDA_INDEX:
-        raise ConfigError(f"device: cuda index {_short(index)} is larger than any machine's GPU count")
 
 
 def check_split(prompts_per_step: int, processes: int) -> None:

@@ -34,7 +34,7 @@ from popo_lite.panel import views
         ({"weight_temperature": 1e9}, "weight_temperature must be in"),
         ({"lora_target_modules": ""}, "lora_target_modules"),
         ({"lora_target_modules": ["q_proj", " "]}, "lora_target_modules"),
-        ({"device": "cuda:99999999999999999999"}, "device: cuda index"),
+        ({"device": "cuda:99999999999999999999"}, "cuda:N \\(N below 100\\)"),
     ],
 )
 def test_a_size_or_float_out_of_its_range_is_refused_at_config_time(values, named):
