@@ -18,7 +18,7 @@ counts the problems, all of each set, whose own gold, boxed, scores 1 (it should
 with the question passed. The table goes to stdout and bench/results/reward_hacks.md; --json (default
 bench/results/reward_hacks.json) writes the counts and the exposed and failing items.
 
-Three probes of issue 25, with the question passed, on the same problems ("probed"):
+Three probes of the reward's newest rules, with the question passed, on the same problems ("probed"):
 - "misread": the gold is one math-verify reads as a number its text does not state (`\\frac{1}{3} E_{1}+
   \\frac{2}{3} E_{2}` as 2/3; popo_lite.data.golds), and boxing that number scores 1. Over every problem.
 - "hedged": one of eight hedges of the gold with a wrong answer scores 1 (`\\boxed{g \\text{ (or w)}}`,
@@ -135,7 +135,7 @@ HEDGE_NAMES = (
 
 
 def hedges(gold: str) -> list[str]:
-    """Completions that offer the gold and a wrong answer together (issue 25)."""
+    """Completions that offer the gold and a wrong answer together."""
     g, w = gold, _wrong(gold)
     return [
         f"\\boxed{{{g} \\text{{ (or {w})}}}}",
@@ -242,7 +242,7 @@ def main() -> None:
             hedged = [r for r in probed if r["hedged"]]
             entry["hedged"] = len(hedged)
             entry["hedged_by_kind"] = {kind: sum(kind in r["hedged"] for r in hedged) for kind in HEDGE_NAMES}
-            entry["hedged_items"] = [  # the first 20: before issue 25 every problem was one
+            entry["hedged_items"] = [  # the first 20: before the hedge rule every problem was one
                 {"id": r["id"], "gold": golds[r["id"]], "hedges": r["hedged"]} for r in hedged[:20]
             ]
             entry["rewritten"] = [

@@ -7,7 +7,7 @@ head where a phase needs logits. Not counted: norms, activations, softmax, sampl
 predictor head (under 0.1 % here) and the optimizer (elementwise; its floor is a bare AdamW step,
 timed by the benchmark).
 
-The floor is that of a prompt-sharing design (issue 22): a group's G rollouts share one prompt, so
+The floor is that of a prompt-sharing design: a group's G rollouts share one prompt, so
 each pass runs a group's prompt once (once per adapter) and each completion attends to it. The same
 counts with one prompt per rollout (today's work) come with `shared=False`.
 

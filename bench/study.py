@@ -65,7 +65,7 @@ reward and held-out pass@1 by step), PREFIX-passk.png (pass@k against k, log sca
 (probe entropy and the implicit-negative diagnostic by step). Bands are mean +- one standard deviation
 over seeds. The runs' own directories go under --runs_dir (default bench/runs/study).
 
-The modes of issue 23 (`--mode`; each cell is (arm, learning rate, seed), resumable, and written to the
+The modes of the fair study (`--mode`; each cell is (arm, learning rate, seed), resumable, and written to the
 JSON as soon as it finishes; two lanes with disjoint cells can share one JSON):
 
     python bench/study.py --mode sweep --measure_base           # once, before the lanes
@@ -147,7 +147,7 @@ __all__ = [
     "trl_policy",
     "trl_reward",
 ]
-MIN_REPORTED = 96  # issue 23 item 3: at least 96 reported held-out problems
+MIN_REPORTED = 96  # at least 96 reported held-out problems: one is about 1 point
 
 
 def check_signatures(results: dict, study: Study, path: Path) -> None:

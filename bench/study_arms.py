@@ -67,7 +67,7 @@ ARMS: dict[str, Arm] = {
     "weights-sequence": Arm(
         "trainer", "POPO, sequence weights", recipe="configs/ablations/weights-sequence.yaml"
     ),
-    # issue 23 item 4: the step's positive tokens normalise the NLL instead of each micro-batch's
+    # the step's positive tokens normalise the NLL instead of each micro-batch's
     "nll-step": Arm(
         "trainer", "POPO, NLL over the step's positive tokens", recipe="configs/ablations/nll-step.yaml"
     ),
@@ -172,7 +172,7 @@ MODES = {
 
 
 def half_life_tau(steps: int) -> float:
-    """tau whose EMA half-life is half the run: tau ** (steps / 2) = 0.5 (issue 23 item 3). After the
+    """tau whose EMA half-life is half the run: tau ** (steps / 2) = 0.5. After the
     run the EMA's start weighs tau ** steps = 0.25, so the EMA adapter has moved."""
     return 0.5 ** (2 / steps)
 

@@ -306,7 +306,7 @@ def final_evaluations(study: Study, result: dict, model, tokenizer, config: Conf
         result["ema"] = {"same_as_policy": True}
         return
     if study.half_life and not ema_moved(config.tau, config.steps):
-        # the EMA is (nearly) the base: measuring it would report the base again (issue 23)
+        # the EMA is (nearly) the base: measuring it would report the base again
         result["ema"] = {"moved": False, "start_weight": config.tau**config.steps}
         return
     clock = time.perf_counter()

@@ -1,7 +1,7 @@
 """How the sweep picks each method's learning rate, and how confirm compares methods: pure functions
 of the stored cells (plain dicts, as bench/study_runs.py records them). Nothing here trains.
 
-The rule (issue 23 item 2) was written down, here and in bench/results/sweep.md, before any sweep cell
+The rule was written down, here and in bench/results/sweep.md, before any sweep cell
 ran; SELECTION_RULE is the text both carry.
 """
 

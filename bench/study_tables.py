@@ -94,7 +94,7 @@ def sweep_markdown(results: dict) -> str:
     seeds = seeds or [0, 1]
     chosen = chosen_rates(cells, list(METHODS), rates, seeds)
     lines = [
-        "# Learning-rate sweep per method (issue 23 item 2)",
+        "# Learning-rate sweep per method",
         "",
         f"Written by `bench/study_tables.py` on {date.today()} from `sweep.json`.",
         *_settings(results),
@@ -198,7 +198,7 @@ def confirm_markdown(results: dict) -> str:
     main = {arm: _trained(results, arm) for arm in METHODS}
     popo_rate = main["popo"][0]["learning_rate"] if main["popo"] else None
     lines = [
-        "# Confirmation: each method at its own learning rate (issue 23 item 3)",
+        "# Confirmation: each method at its own learning rate",
         "",
         f"Written by `bench/study_tables.py` on {date.today()} from `confirm.json`. Rates chosen by the "
         "sweep (sweep.md) on the validation half; every number here is on the reported half, which the "

@@ -30,7 +30,7 @@ MAX_NEW_TOKENS = 32_768  # generous bounds: beyond them a typo, not a run (READM
 MAX_LORA_RANK = 1_024
 MAX_SEED = 2**32 - 1  # numpy's seed range
 MAX_YAML_BYTES = 1_000_000  # a config is a few kB; nothing near this is a config
-# Sizes past these bounds are typos, refused before the model loads (issue 25: rollouts_per_prompt 1e9
+# Sizes past these bounds are typos, refused before the model loads (rollouts_per_prompt 1e9 once
 # asked for 768 GB, predictor_dim 1e9 for 2.3 TB). Each is far above what one card holds: an H200 has
 # 141 GB, so a step of 65,536 rollouts or 2^30 tokens (B x G x (prompt + completion); 4 bytes of each
 # per-token tensor is 4 GiB, and a step keeps several) does not fit one, nor does a 65,536-wide predictor
@@ -378,7 +378,7 @@ class Config:
 
 def _check_bounds(config: Config) -> None:
     """Every size below its SIZE_LIMITS bound, the step's rollouts and tokens within one card, every
-    float in its FLOAT_RANGES range, no empty module name, a CUDA index a machine can have (issue 25)."""
+    float in its FLOAT_RANGES range, no empty module name, a CUDA index a machine can have."""
     for name, limit in SIZE_LIMITS.items():
         value = getattr(config, name)
         if value is not None and value > limit:

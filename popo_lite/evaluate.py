@@ -64,7 +64,7 @@ def run_config_of(adapter: Path) -> Config | None:
 
     The run is the one the path names (a link to an adapter is followed to its run): a checkpoint
     that leads out of its run, holds a link, or a config.yaml that is a link is an EvaluationError
-    (issue 26: the evaluator read another run's config and model through planted links)."""
+    (planted links once made the evaluator read another run's config and model)."""
     path = Path(adapter).absolute()
     if path.parent.parent.name != "checkpoints":
         path = path.resolve()

@@ -1,4 +1,4 @@
-"""Config bounds (issue 25): every size and float is bounded at config time, and bad YAML or flags are one
+"""Config bounds: every size and float is bounded at config time, and bad YAML or flags are one
 clear error (exit 2, no traceback) before any model loads. Each case crashed, allocated or was accepted
 before."""
 

@@ -291,7 +291,7 @@ def test_bundled_data_ships_inside_the_package():
     assert (DATA_DIR / "SOURCES.md").is_file()
 
 
-# ---- golds math-verify misreads (issue 25): each of these wrong answers scored 1 before ----------------
+# ---- golds math-verify misreads: each of these wrong answers scored 1 before ----------------
 
 MISREAD = [
     ("minerva_math", "minerva_math/261", "2"),

@@ -1,4 +1,4 @@
-"""The panel's last bad inputs (issue 25): each raised a raw error or re-read a file on every tick."""
+"""The panel's last bad inputs: each raised a raw error or re-read a file on every tick."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Nothing outside a run folder is ever read, written or deleted, and --resume never silently starts over
-(issue 26).
+"""Nothing outside a run folder is ever read, written or deleted, and --resume never silently starts over.
 
 Each case plants files or links in a copy of a real 2-step run (`planted`) next to a decoy tree outside
 the runs folder, then drives the command line (in process: `popo_lite.train.main`, the evaluator's

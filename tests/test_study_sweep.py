@@ -1,4 +1,4 @@
-"""The learning-rate sweep, confirmation and ablations of bench/study.py (issue 23), without training:
+"""The learning-rate sweep, confirmation and ablations of bench/study.py, without training:
 the selection rule, the paired-difference interval, the validation/reported split, the tau rule, and
 resumability (a cell already in the JSON is skipped), on hand-computed values and fake cells.
 """

@@ -29,7 +29,7 @@ braces, whitespace do not count) and scores 0, before math-verify is asked, when
   (b) is an equation whose sides are two different numbers (`43=42`); otherwise, when the gold is no
       relation, the value after the last `=` is the answer (`x = 5`, `17+25=42` state 5 and 42);
   (c) is an inequality for a number gold (`0 < p < 15.` for 15);
-  (d) is one of several different final answers (issue 25). Every box of the completion is read (`\\boxed`,
+  (d) is one of several different final answers. Every box of the completion is read (`\\boxed`,
       `\\fbox`, `\\framebox`, boxes nested in boxes by the text around them), and they must all state one
       answer: `\\boxed{43} or even \\boxed{42}`, `\\boxed{42} \\framebox{43}`, `\\boxed{43 \\boxed{42}}`,
       `\\boxed{41, 43, \\boxed{42}}` and a 43 box before thirty 42 boxes all score 0; boxes repeating one

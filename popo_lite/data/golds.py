@@ -1,4 +1,4 @@
-"""Gold answers math-verify misreads, checked when a dataset loads (issue 25).
+"""Gold answers math-verify misreads, checked when a dataset loads.
 
 The reward pays what math-verify finds equal to the gold. Some golds it reads as a plain number that
 their text does not state, and then that number pays: Minerva's `\\hbar\\omega(v+1/2)-\\frac{E_0^2e^2}

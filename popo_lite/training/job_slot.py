@@ -7,8 +7,8 @@ nothing has to be watching when a job ends. The web panel takes it for the jobs 
 run and a panel run never share a GPU.
 
 Slot names come from a closed set, `cpu` and `gpuN` (N below 100), computed from a device setting that
-must be one of auto, cpu, mps, cuda, cuda:N: text from a config never becomes part of a lock's path
-(issue 26). A lock file is opened without following a link.
+must be one of auto, cpu, mps, cuda, cuda:N: text from a config never becomes part of a lock's path.
+A lock file is opened without following a link.
 
 One writer per run directory, whatever the device spelling: the trainer's main process holds
 `<run>/.writer.lock` (flock, its pid inside) from `prepare` until training ends (`hold_run_directory`).

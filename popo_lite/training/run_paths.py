@@ -1,7 +1,7 @@
 """Every path popo_lite reads, writes, lists or deletes under a run folder, and the one rule they keep.
 
 The command line, the trainer, the evaluator and the panel open a run's files through these functions
-only (issue 26: planted symlinks made them write, delete and show files outside the runs folder):
+only (planted symlinks once made them write, delete and show files outside the runs folder):
 
 1. A path is named by the run folder and plain parts below it (`"checkpoints", "step-000002"`); a part
    that is empty, `.` or `..` is refused.

@@ -135,7 +135,7 @@ class _Index:
 _INDEXES: dict[Path, _Index] = {}
 _INDEX_LOCK = threading.Lock()  # Gradio calls back from several threads
 # A line longer than this is not a record (a rollout with a 32k-token completion is about 200 kB): a 300 MB
-# metrics.jsonl without a newline was re-read on every Watch tick (issue 25), 10 s each.
+# metrics.jsonl without a newline was re-read on every Watch tick, 10 s each.
 MAX_LINE_BYTES = 16_000_000
 _STEP = re.compile(rb'\{"step": (\d+)')
 

@@ -1,7 +1,7 @@
 """A training run's state between steps: `prepare` builds it (data, run directory, model, optimizer,
 resume from the last checkpoint). The step itself is `trainer.step`; what a step writes, `run_files.py`.
 
-`--resume` is a promise (issue 26): it continues from the newest checkpoint that loads and fits the
+`--resume` is a promise: it continues from the newest checkpoint that loads and fits the
 config's shapes, or stops with one line saying which checkpoints it found and why each was refused,
 before anything is written. It never starts a run with history over from step 0; `--restart` does,
 after moving the old history into `<run>/restarted-<time>/`.
