@@ -137,8 +137,11 @@ def completion_stats(
     each chunk's logits in backward instead of keeping them.
     """
     base = _base(model)
-    if checkpoint_chunks is None:
-        checkpoint_chunks = bool(getattr(base, "is_gradient_checkpointing", True))
+    if checkpoint_chunks is None:  # transformers 5 renames the flag (the old name warns)
+        renamed = hasattr(type(base), "is_activation_checkpointing")
+        checkpoint_chunks = bool(
+            getattr(base, "is_activation_checkpointing" if renamed else "is_gradient_checkpointing", True)
+        )
     decoder, head = base.get_decoder(), base.get_output_embeddings()
     if prefix is not None:
         attention_mask = torch.cat([prefix.mask[prefix_rows], attention_mask], dim=1)  # (N, P + T)
