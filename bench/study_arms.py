@@ -80,7 +80,17 @@ GROUPS = {
     "all": tuple(ARMS),
 }
 # Config fields a run sets itself; the rest is the study's and identical across arms.
-RUN_FIELDS = ("seed", "run_name", "output_dir", "algo", "log_rollouts", "report_to", "save_every")
+# Fields a cell's numbers do not depend on (decode_unfinished_rows: the same tokens, faster on a CPU).
+RUN_FIELDS = (
+    "seed",
+    "run_name",
+    "output_dir",
+    "algo",
+    "log_rollouts",
+    "report_to",
+    "save_every",
+    "decode_unfinished_rows",
+)
 # What the base measurement depends on (its signature): no training field.
 BASE_FIELDS = (
     "model",

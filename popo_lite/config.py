@@ -177,6 +177,12 @@ class Config:
         "transformers' continuous batching (generate_batch), finished rows leave the batch.",
         ("dynamic", "static", "paged"),
     )
+    decode_unfinished_rows: bool | str = _f(
+        "auto",
+        "generation_cache dynamic: each decoding forward runs only the rows that have not ended, with the "
+        "same random draws (the same tokens); auto = on a CPU, where decoding scales with the rows (a GPU "
+        "decodes a small batch at the cost of reading the weights, and dropping rows would sync it).",
+    )
     prefill_chunk_size: int | None = _f(
         None,
         "Prompt positions per prefill forward (None = whole prompts at once); bounds the prefill's memory "
@@ -329,9 +335,10 @@ class Config:
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if isinstance(self.gradient_checkpointing, str) and self.gradient_checkpointing != "auto":
-            value = _short(self.gradient_checkpointing)
-            raise ConfigError(f"gradient_checkpointing: {value} is not one of true, false, auto")
+        for name in ("gradient_checkpointing", "decode_unfinished_rows"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value != "auto":
+                raise ConfigError(f"{name}: {_short(value)} is not one of true, false, auto")
         if self.pack_positives and self.entropy_over == "all" and self.beta_entropy > 0:
             raise ConfigError(
                 "pack_positives trains positives only: set entropy_over: positives or beta_entropy: 0 (the "

@@ -72,4 +72,5 @@ def rollout_engine(config: Config, run_dir: Path, rank: int = 0) -> Callable[...
         cache=config.generation_cache,
         prefill_chunk_size=config.prefill_chunk_size,
         shared_prompts=config.shared_prompts,
+        unfinished_rows_only=config.decode_unfinished_rows,
     )

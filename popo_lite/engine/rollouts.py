@@ -11,6 +11,7 @@ from transformers import CompileConfig
 
 from popo_lite.core.logprobs import prompt_prefix
 from popo_lite.core.rollouts import Rollouts
+from popo_lite.engine.decoding import decode_unfinished_rows
 
 CACHES = ("dynamic", "static", "paged")  # Config.generation_cache
 PAGE_SIZE = 256  # tokens per page of the paged cache (transformers' ContinuousBatchingConfig default)
@@ -102,6 +103,7 @@ def generate_rollouts(
     cache: str = "dynamic",
     prefill_chunk_size: int | None = None,
     shared_prompts: bool = True,
+    unfinished_rows_only: bool | str = "auto",
 ) -> Rollouts:
     """Sample `group_size` completions for each prompt with the model's active adapter.
 
@@ -109,7 +111,9 @@ def generate_rollouts(
     HF's static KV cache, compiled on CUDA (Config.generation_cache); it samples the same tokens.
     "paged" is transformers' continuous batching instead of `generate` (same greedy tokens).
     `shared_prompts` (dynamic cache): each distinct prompt is prefilled once and its KV cache copied to
-    its rows (`_shared_prefill`); the same tokens as G prefills.
+    its rows (`_shared_prefill`); the same tokens as G prefills. `unfinished_rows_only` (dynamic cache):
+    each decoding forward runs only the rows that have not ended (`decoding.py`); the same tokens;
+    "auto" on a CPU only (Config.decode_unfinished_rows).
     """
     start = time.perf_counter()
     device = next(model.parameters()).device
@@ -137,9 +141,12 @@ def generate_rollouts(
                 cache_options["prefill_chunk_size"] = prefill_chunk_size
             options = {**generation, **cache_options, "use_cache": True}
             # Unsloth's own inference path and the static cache build their caches themselves
-            share = shared_prompts and cache == "dynamic"
-            share = share and getattr(model, "popo_lite_generation_mode", None) is None
-            shared = (group_size, prefill_chunk_size) if share else None
+            plain_dynamic = cache == "dynamic" and getattr(model, "popo_lite_generation_mode", None) is None
+            shared = (group_size, prefill_chunk_size) if shared_prompts and plain_dynamic else None
+            if unfinished_rows_only == "auto":
+                unfinished_rows_only = device.type == "cpu"
+            if unfinished_rows_only and plain_dynamic:
+                options["custom_generate"] = decode_unfinished_rows
             completions = _generate_by_length(
                 model, prompt_ids, prompt_mask, options, batch_size, cache, shared
             )
