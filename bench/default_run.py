@@ -29,7 +29,14 @@ sys.path.insert(0, str(ROOT))
 from popo_lite.training.runs import read_jsonl  # noqa: E402
 from popo_lite.training.summary import run_summary  # noqa: E402
 
-PER_ROLLOUT = ["--no-shared_prompts", "--gradient_checkpointing", "true"]  # the step before shared prompts
+PER_ROLLOUT = [  # the step before shared prompts: one prompt forward per rollout, every row decoded,
+    "--no-shared_prompts",  # one forward per micro-batch
+    "--gradient_checkpointing",
+    "true",
+    "--decode_unfinished_rows",
+    "false",
+    "--no-split_by_length",
+]
 MODES = {
     "fp32": [],
     "qlora": ["--qlora"],

@@ -6,7 +6,7 @@
 
 For each config (`study`: bench/study.py's CPU_DEFAULTS; `default`: configs/default.yaml) and algo,
 each code path of PATHS gets its own session (session.prepare) and the paths take their steps in
-turn, today, new, today, new ..., seeded alike before every step, so machine drift hits both and
+turn, today, one-forward, new, today, ..., seeded alike before every step, so machine drift hits both and
 both see the same prompts and samples. --warmup steps per path run first, untimed.
 
 Per step it reads the phases' seconds from the trainer's record (`seconds_<phase>`; a key the code
@@ -54,10 +54,27 @@ from popo_lite.training.trainer import step  # noqa: E402
 CONFIGS = ("study", "default")
 ALGOS = ("popo", "grpo")
 # The code paths paired in one run: config overrides on top of each config. Add a variant as a row.
-PATHS: dict[str, dict] = {
-    "today": {"shared_prompts": False, "gradient_checkpointing": True},
-    "new": {"shared_prompts": True, "gradient_checkpointing": "auto"},
+# today: one prompt forward per rollout, checkpointed, every row decoded to the end, one forward per
+# micro-batch; one-forward: the defaults but one forward per micro-batch; new: the defaults.
+TODAY = {
+    "shared_prompts": False,
+    "gradient_checkpointing": True,
+    "decode_unfinished_rows": False,
+    "split_by_length": False,
 }
+NEW = {  # the defaults
+    "shared_prompts": True,
+    "gradient_checkpointing": "auto",
+    "decode_unfinished_rows": "auto",
+    "split_by_length": True,
+}
+PATHS: dict[str, dict] = {
+    "today": TODAY,
+    "all-rows": {**TODAY, "shared_prompts": True, "gradient_checkpointing": "auto"},
+    "one-forward": {**NEW, "split_by_length": False},
+    "new": NEW,
+}
+DEFAULT_PATHS = ("today", "one-forward", "new")
 # Set by the bench on every run: no evaluation, no checkpoint before the end, rollouts logged (positives).
 RUN_VALUES = {"eval_every": 0, "save_every": 0, "report_to": [], "log_rollouts": True}
 
@@ -370,7 +387,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     parser.add_argument("--algos", nargs="+", choices=ALGOS, default=list(ALGOS))
-    parser.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS))
+    parser.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(DEFAULT_PATHS))
     parser.add_argument("--steps", type=int, default=2, help="timed steps per (config, algo, path)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first, per path and for TRL")
     parser.add_argument(

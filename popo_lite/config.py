@@ -130,6 +130,11 @@ class Config:
         "attend to it (the prompt's LoRA gradient is the sum over the group, as with one forward per "
         "rollout). The same numbers to float rounding; off = one prompt forward per rollout.",
     )
+    split_by_length: bool = _f(
+        True,
+        "A micro-batch's forwards run its rows in two pieces of similar completion length, each cut to its "
+        "own longest, where that saves a fifth of the positions or more; the same values to float rounding.",
+    )
     trust_remote_code: bool = _f(False, "Allow custom model code from the Hub (off: runs no foreign code).")
     model_loader: str = _f(
         "hf",

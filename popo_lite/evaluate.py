@@ -102,6 +102,28 @@ def load_model(config: Config, adapter: str | Path | None = None):
     return model, tokenizer, device
 
 
+def run_check_settings(args: argparse.Namespace, run_config: Config | None) -> str | None:
+    """An adapter from a run is evaluated as the run's own held-out check generated, unless options say
+    otherwise: its problem limit, completion cap, batch size and prompt cap (evaluate_during_training).
+    `--baseline` then gives the run's "before" number, not a second base number. Returns the line that
+    says so."""
+    if run_config is None or args.preset is not None:
+        return None
+    run = {
+        "limit": run_config.eval_limit,  # None: all, as the run (unless the CPU budget below caps it)
+        "max_new_tokens": run_config.eval_max_new_tokens or run_config.max_new_tokens,
+        "batch_size": run_config.generation_batch_size or run_config.rollouts_per_step,
+        "max_prompt_tokens": run_config.max_prompt_tokens,
+    }
+    taken = {k: v for k, v in run.items() if getattr(args, k) is None and v is not None}
+    for name, value in taken.items():
+        setattr(args, name, value)
+    if not taken:
+        return None
+    shown = ", ".join(f"{name} {value}" for name, value in taken.items())
+    return f"as the run's held-out check: {shown} (its before -> after numbers compare with these)"
+
+
 CPU_BUDGET = {"limit": 20, "max_new_tokens": 256}  # without a GPU, unless --limit / --max_new_tokens say
 
 
@@ -261,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         adapter = check_adapter(args.adapter) if args.adapter else None
         run_config = run_config_of(adapter) if adapter is not None else None
         config = _model_config(args, run_config)
+        matched = run_check_settings(args, run_config)
+        if matched:
+            print(matched, file=sys.stderr)
         settings = _settings(args, config, run_config)
         names = [name.strip() for name in args.benchmarks.split(",") if name.strip()]
         if not names:

@@ -298,3 +298,32 @@ def test_cli_without_a_gpu_says_and_applies_its_cpu_budget(tiny_model_dir, tmp_p
         )
         is None
     )  # explicit values are kept and nothing is said
+
+
+def test_baseline_of_a_runs_adapter_repeats_the_runs_own_heldout_check(
+    tiny_config, digit_problems, tmp_path, capsys
+):
+    """`evaluate --adapter <a run's> --baseline`, no other setting: the base generates what the run's
+    check before step 1 generated, and the adapter what its check after the last step did. One base
+    number, not two."""
+    from popo_lite.training.trainer import train
+
+    config = tiny_config(eval_every=2, eval_benchmarks=[str(digit_problems)], max_new_tokens=3)
+    list(train(config))
+    run = Path(config.output_dir) / config.run_name
+    output = tmp_path / "eval"
+    arguments = ["--adapter", str(run / "checkpoints" / "step-000002" / "policy"), "--baseline"]
+    arguments += ["--benchmarks", str(digit_problems), *FIELD_OPTIONS, "--output", str(output)]
+    assert main(arguments) == 0
+    said = "as the run's held-out check: limit 40, max_new_tokens 3, batch_size 16, max_prompt_tokens 512"
+    assert said in capsys.readouterr().err
+
+    def completions(path: Path, evaluated: str | None = None) -> list:
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        return [(r["id"], r["completions"]) for r in rows if evaluated in (None, r.get("evaluated"))]
+
+    before = completions(run / "eval" / "step-000000-records.jsonl")
+    after = completions(run / "eval" / "step-000002-records.jsonl")
+    assert completions(output / "records.jsonl", "base") == before
+    assert completions(output / "records.jsonl", "adapter") == after
+    assert before != after and len(before) == 25  # the adapter trained: two different checks compared

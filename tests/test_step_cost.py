@@ -170,6 +170,7 @@ def test_bench_pairs_both_paths_on_a_tiny_model_and_writes_both_files(
     tiny += ["prompt_template=plain", "prompts_per_step=2", "rollouts_per_prompt=2", "max_new_tokens=2"]
     tiny += ["micro_batch_size=4", "predictor_dim=16", "lora_rank=4", "lora_alpha=8"]
     options = ["--configs", "default", "--steps", "1", "--warmup", "0", "--trl_steps", "0", "--repeats", "1"]
+    options += ["--paths", "today", "new"]
     results = step_cost.main([*options, "--set", *tiny, "--out", str(tmp_path)])
 
     assert [(run["algo"], run["path"]) for run in results["runs"]] == [

@@ -142,6 +142,23 @@ def _shares_gradient_prompts(config: Config, replicas) -> bool:
     return config.shared_prompts and replicas is None and config.lora_dropout == 0
 
 
+def _gradient_prompts(
+    model, rollouts: Rollouts, timer, b_rows: torch.Tensor | None = None
+) -> tuple[PromptPrefix | None, PromptPrefix | None]:
+    """The step's prompts (of the groups of `b_rows`) run once with gradient, and the detached leaves
+    every micro-batch's completions attend to; (None, None) where the cache cannot be shared."""
+    with _phase(timer, "loss"):
+        prefix = shared_prefix(model, rollouts, True, b_rows)
+    return prefix, (prefix.leaves() if prefix is not None else None)
+
+
+def _prompts_backward(prefix: PromptPrefix | None, leaves: PromptPrefix | None, timer) -> None:
+    """The prompts' share of the gradient, summed over the step's rows: one backward at the step's end."""
+    if prefix is not None:
+        with _phase(timer, "loss"):
+            prefix.backward(leaves)
+
+
 def _phase(timer, name: str):
     """A named phase of `timer` (training.records.PhaseTimer), or nothing without one."""
     return timer.phase(name) if timer is not None else nullcontext()
@@ -179,10 +196,11 @@ def sequence_logprobs(
     micro_batch_size: int,
     temperature: float,
     shared_prompts: bool = False,
+    split_by_length: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, list[list[float]]]:
     """Mean and summed completion log-probs of the rows `b_rows` under the active adapter, no gradient;
     also each row's token log-probs (for the rollout inspector's colouring)."""
-    forward = PolicyForward(model)
+    forward = PolicyForward(model, split_by_length=split_by_length)
     prefix = shared_prefix(model, rollouts, shared_prompts, b_rows)
     means, sums, per_token = [], [], []
     for mb_rows in _micro_batches(b_rows, micro_batch_size):
@@ -290,10 +308,17 @@ class _EMATargets:
     prompts run through the EMA adapter once, at the first micro-batch that needs them."""
 
     def __init__(
-        self, model, rollouts: Rollouts, temperature: float, shared_prompts: bool, b_rows: torch.Tensor
+        self,
+        model,
+        rollouts: Rollouts,
+        temperature: float,
+        b_rows: torch.Tensor,
+        shared_prompts: bool,
+        split: bool,
     ) -> None:
         self.model, self.rollouts, self.temperature = model, rollouts, temperature
         self.shared_prompts, self.b_rows, self.prefix = shared_prompts, b_rows, None  # b_rows: the positives
+        self.forward = PolicyForward(model, split_by_length=split)
 
     @torch.no_grad()
     def __call__(self, b_rows: torch.Tensor) -> torch.Tensor:
@@ -302,7 +327,7 @@ class _EMATargets:
             if self.shared_prompts and self.prefix is None:
                 self.prefix = shared_prefix(self.model, self.rollouts, True, self.b_rows)
             outputs = _forward(
-                PolicyForward(self.model),
+                self.forward,
                 self.rollouts,
                 b_rows,
                 self.temperature,
@@ -417,6 +442,7 @@ def popo_update(
                 config.micro_batch_size,
                 config.temperature,
                 config.shared_prompts,
+                config.split_by_length,
             )
         book.record(b_first_pass, *scores)
     b_weights = book.weights()
@@ -427,10 +453,11 @@ def popo_update(
     forward = (
         replicas.forward
         if replicas is not None
-        else PolicyForward(model, predictor if use_features else None)
+        else PolicyForward(model, predictor if use_features else None, config.split_by_length)
     )
+    b_rows = b_positive.nonzero().flatten()
     ema_targets = _EMATargets(
-        model, rollouts, config.temperature, config.shared_prompts, b_positive.nonzero().flatten()
+        model, rollouts, config.temperature, b_rows, config.shared_prompts, config.split_by_length
     )
     nll_token_count = None  # the reference: each micro-batch's own positive tokens
     if config.nll_normalization == "step" and micro_batches:  # the step's, shared out over the divisor
@@ -439,9 +466,7 @@ def popo_update(
     prefix = leaves = None  # the step's prompts, run once with gradient for every micro-batch
     if _shares_gradient_prompts(config, replicas) and b_positive.any():
         b_loss_rows = torch.cat([mb for mb in micro_batches if b_positive[mb].any()])  # those that run
-        with _phase(timer, "loss"):
-            prefix = shared_prefix(model, rollouts, True, b_loss_rows)
-        leaves = prefix.leaves() if prefix is not None else None
+        prefix, leaves = _gradient_prompts(model, rollouts, timer, b_loss_rows)
     collected: dict[str, list[float]] = defaultdict(list)
     for number, mb_rows in enumerate(micro_batches):
         stand_in = mb_rows is None or (replicas is not None and not b_positive[mb_rows].any())
@@ -484,9 +509,7 @@ def popo_update(
                     nll_token_count=nll_token_count,
                 )
                 _backward(loss / len(micro_batches), {} if stand_in else metrics, collected, "POPO", replicas)
-    if prefix is not None:
-        with _phase(timer, "loss"):
-            prefix.backward(leaves)  # the prompts' share of the gradient, summed over the step's rows
+    _prompts_backward(prefix, leaves, timer)
     if not collected and replicas is None:
         _zero_policy_gradients(model)
     return Update(_mean_metrics(collected), b_weights, book.token_logprobs)
@@ -512,14 +535,13 @@ def grpo_update(
     device = rollouts.completion_ids.device
     b_advantages = grpo_advantages(rewards.float()).flatten().to(device)  # (B*G,)
     model.train()
-    forward = replicas.forward if replicas is not None else PolicyForward(model)
+    plain = PolicyForward(model, split_by_length=config.split_by_length)  # the reference's forward too
+    forward = replicas.forward if replicas is not None else plain
     order = batch_order(rewards.numel(), config.shuffle_micro_batches, generator, device)
     micro_batches = _micro_batches(order, config.micro_batch_size)
     prefix = leaves = reference_prefix = None  # the step's prompts, run once per pass
     if _shares_gradient_prompts(config, replicas):
-        with _phase(timer, "loss"):
-            prefix = shared_prefix(model, rollouts, True)
-        leaves = prefix.leaves() if prefix is not None else None
+        prefix, leaves = _gradient_prompts(model, rollouts, timer)
     if config.grpo_beta > 0 and config.shared_prompts:
         with _phase(timer, "reference"), torch.no_grad(), model.disable_adapter():
             reference_prefix = shared_prefix(model, rollouts, True)
@@ -536,7 +558,7 @@ def grpo_update(
             if config.grpo_beta > 0:
                 with _phase(timer, "reference"), torch.no_grad(), model.disable_adapter():
                     mb_ref_logprobs = _forward(
-                        PolicyForward(model), rollouts, mb_rows, config.temperature, reference_prefix
+                        plain, rollouts, mb_rows, config.temperature, reference_prefix
                     )[0]
             with _phase(timer, "loss"):
                 loss, metrics = grpo_loss(
@@ -550,19 +572,22 @@ def grpo_update(
                     normalization=config.grpo_normalization,
                 )
                 _backward(loss / len(micro_batches), metrics, collected, "GRPO", replicas)
-    if prefix is not None:
-        with _phase(timer, "loss"):
-            prefix.backward(leaves)  # the prompts' share of the gradient, summed over the step's rows
+    _prompts_backward(prefix, leaves, timer)
     return Update(_mean_metrics(collected), b_advantages, token_logprobs)
 
 
 @torch.no_grad()
 def kl_policy_ema(
-    model, rollouts: Rollouts, micro_batch_size: int, temperature: float, shared_prompts: bool = False
+    model,
+    rollouts: Rollouts,
+    micro_batch_size: int,
+    temperature: float,
+    shared_prompts: bool = False,
+    split_by_length: bool = False,
 ) -> float:
     """KL(policy || EMA) by the k3 estimator on this step's completions: monitoring only."""
     model.eval()
-    forward = PolicyForward(model)
+    forward = PolicyForward(model, split_by_length=split_by_length)
     policy_prefix = shared_prefix(model, rollouts, shared_prompts)
     with ema_forward(model):
         ema_prefix = shared_prefix(model, rollouts, shared_prompts)

@@ -252,7 +252,7 @@ def _prepare_in(
             predictor = Predictor(model.get_base_model().config.hidden_size, config.predictor_dim)
         predictor = predictor.to(device)
     if replicas is not None:  # DDP broadcasts the main process's policy and predictor here
-        replicas.wrap(PolicyForward(model, predictor if config.alpha > 0 else None))
+        replicas.wrap(PolicyForward(model, predictor if config.alpha > 0 else None, config.split_by_length))
     ema_reset(model)
     policy_parameters = [p for p in model.parameters() if p.requires_grad]
     trainable = policy_parameters + (list(predictor.parameters()) if predictor is not None else [])

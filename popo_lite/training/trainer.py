@@ -67,7 +67,12 @@ def step(session: Session) -> dict:
     if config.algo == "popo" and config.kl_every and (session.step + 1) % config.kl_every == 0:
         with timer.phase("kl"):  # before the update: k3 is unbiased only on the measured policy's samples
             monitors["kl_policy_ema"] = kl_policy_ema(
-                session.model, rollouts, config.micro_batch_size, config.temperature, config.shared_prompts
+                session.model,
+                rollouts,
+                config.micro_batch_size,
+                config.temperature,
+                config.shared_prompts,
+                config.split_by_length,
             )
     with timer.phase("update"), out_of_memory_advice(config, "update", last_checkpoint):
         update, skipped = gradients(session, rollouts, rewards, timer)
