@@ -80,7 +80,8 @@ GROUPS = {
     "all": tuple(ARMS),
 }
 # Config fields a run sets itself; the rest is the study's and identical across arms.
-# Fields a cell's numbers do not depend on (decode_unfinished_rows: the same tokens, faster on a CPU).
+# Fields a cell's numbers do not depend on: decode_unfinished_rows samples the same tokens, and
+# split_by_length gives the same values to float rounding (the sweep's first cells ran without both).
 RUN_FIELDS = (
     "seed",
     "run_name",
@@ -90,6 +91,7 @@ RUN_FIELDS = (
     "report_to",
     "save_every",
     "decode_unfinished_rows",
+    "split_by_length",
 )
 # What the base measurement depends on (its signature): no training field.
 BASE_FIELDS = (
