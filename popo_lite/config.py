@@ -130,10 +130,11 @@ class Config:
         "attend to it (the prompt's LoRA gradient is the sum over the group, as with one forward per "
         "rollout). The same numbers to float rounding; off = one prompt forward per rollout.",
     )
-    split_by_length: bool = _f(
-        True,
+    split_by_length: bool | str = _f(
+        "auto",
         "A micro-batch's forwards run its rows in two pieces of similar completion length, each cut to its "
-        "own longest, where that saves a fifth of the positions or more; the same values to float rounding.",
+        "own longest, where that saves a fifth of the positions or more; the same values to float rounding. "
+        "auto = on a CPU (measured there; on a GPU not yet).",
     )
     trust_remote_code: bool = _f(False, "Allow custom model code from the Hub (off: runs no foreign code).")
     model_loader: str = _f(
@@ -340,7 +341,7 @@ class Config:
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("gradient_checkpointing", "decode_unfinished_rows"):
+        for name in ("gradient_checkpointing", "decode_unfinished_rows", "split_by_length"):
             value = getattr(self, name)
             if isinstance(value, str) and value != "auto":
                 raise ConfigError(f"{name}: {_short(value)} is not one of true, false, auto")

@@ -111,3 +111,15 @@ def test_kl_monitor_in_pieces_gives_the_same_value(tiny_config):
     want = kl_policy_ema(model, rollouts, 8, 1.0, shared_prompts=True, split_by_length=False)
     got = kl_policy_ema(model, rollouts, 8, 1.0, shared_prompts=True, split_by_length=True)
     assert want > 0 and got == pytest.approx(want, rel=1e-5)
+
+
+def test_auto_splits_on_the_cpu_only():
+    from popo_lite.config import Config, ConfigError
+    from popo_lite.core.updates import splits_by_length
+
+    assert splits_by_length(Config(), torch.device("cpu"))
+    assert not splits_by_length(Config(), torch.device("cuda", 0))  # unmeasured on a GPU: off
+    assert splits_by_length(Config(split_by_length=True), torch.device("cuda", 0))
+    assert not splits_by_length(Config(split_by_length=False), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="split_by_length"):
+        Config(split_by_length="maybe")

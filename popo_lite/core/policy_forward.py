@@ -9,7 +9,7 @@ completion makes fifteen 5-token ones cost 32 positions each. The rows then run 
 similar lengths, each cut to its own longest (`length_pieces`), and the outputs are put back in row
 order, zero past each row's piece. Every row's valid positions see the same tokens as in one forward
 (completions are causal and right-padded), so the values are the same to float rounding
-(tests/test_length_pieces.py).
+(tests/test_length_pieces.py). The trainer splits on a CPU (`Config.split_by_length: auto`).
 """
 
 from __future__ import annotations

@@ -135,6 +135,12 @@ def shared_prefix(
     return prefix
 
 
+def splits_by_length(config: Config, device: torch.device) -> bool:
+    """`split_by_length` for this device: auto = on a CPU."""
+    auto = config.split_by_length == "auto"
+    return device.type == "cpu" if auto else bool(config.split_by_length)
+
+
 def _shares_gradient_prompts(config: Config, replicas) -> bool:
     """Whether the gradient forwards may share prompts: one process (DDP all-reduces inside the last
     micro-batch's backward, before the prompts' own backward) and no LoRA dropout (one shared forward
@@ -411,7 +417,7 @@ def popo_update(
     `timer` (a PhaseTimer) times the phases "weights", "loss" (forwards and backwards) and "similarity".
     """
     device = rollouts.completion_ids.device
-    count = rewards.numel()
+    count, split = rewards.numel(), splits_by_length(config, device)
     b_positive = (rewards > config.reward_threshold).flatten().to(device)  # (B*G,)
     if config.pack_positives:
         micro_batches, b_split = pack_positive_groups(b_positive.view_as(rewards), config.micro_batch_size)
@@ -442,7 +448,7 @@ def popo_update(
                 config.micro_batch_size,
                 config.temperature,
                 config.shared_prompts,
-                config.split_by_length,
+                split,
             )
         book.record(b_first_pass, *scores)
     b_weights = book.weights()
@@ -453,12 +459,10 @@ def popo_update(
     forward = (
         replicas.forward
         if replicas is not None
-        else PolicyForward(model, predictor if use_features else None, config.split_by_length)
+        else PolicyForward(model, predictor if use_features else None, split)
     )
     b_rows = b_positive.nonzero().flatten()
-    ema_targets = _EMATargets(
-        model, rollouts, config.temperature, b_rows, config.shared_prompts, config.split_by_length
-    )
+    ema_targets = _EMATargets(model, rollouts, config.temperature, b_rows, config.shared_prompts, split)
     nll_token_count = None  # the reference: each micro-batch's own positive tokens
     if config.nll_normalization == "step" and micro_batches:  # the step's, shared out over the divisor
         b_positive_tokens = rollouts.completion_mask.sum(1)[b_positive].sum()
@@ -535,7 +539,8 @@ def grpo_update(
     device = rollouts.completion_ids.device
     b_advantages = grpo_advantages(rewards.float()).flatten().to(device)  # (B*G,)
     model.train()
-    plain = PolicyForward(model, split_by_length=config.split_by_length)  # the reference's forward too
+    split = splits_by_length(config, device)
+    plain = PolicyForward(model, split_by_length=split)  # the reference's forward too
     forward = replicas.forward if replicas is not None else plain
     order = batch_order(rewards.numel(), config.shuffle_micro_batches, generator, device)
     micro_batches = _micro_batches(order, config.micro_batch_size)

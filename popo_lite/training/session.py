@@ -22,6 +22,7 @@ from popo_lite.config import Config, ConfigError
 from popo_lite.core.policy_forward import PolicyForward
 from popo_lite.core.rollouts import Rollouts
 from popo_lite.core.siamese import EMA, POLICY, Predictor, ema_reset
+from popo_lite.core.updates import splits_by_length
 from popo_lite.data.problems import Problem, format_prompt, training_problems
 from popo_lite.engine.choose import load_policy, rollout_engine
 from popo_lite.evaluation.benchmarks import load_benchmarks
@@ -252,7 +253,8 @@ def _prepare_in(
             predictor = Predictor(model.get_base_model().config.hidden_size, config.predictor_dim)
         predictor = predictor.to(device)
     if replicas is not None:  # DDP broadcasts the main process's policy and predictor here
-        replicas.wrap(PolicyForward(model, predictor if config.alpha > 0 else None, config.split_by_length))
+        split = splits_by_length(config, device)
+        replicas.wrap(PolicyForward(model, predictor if config.alpha > 0 else None, split))
     ema_reset(model)
     policy_parameters = [p for p in model.parameters() if p.requires_grad]
     trainable = policy_parameters + (list(predictor.parameters()) if predictor is not None else [])

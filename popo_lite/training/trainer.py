@@ -20,7 +20,14 @@ from popo_lite.config import Config
 from popo_lite.core.rewards import score
 from popo_lite.core.rollouts import Rollouts
 from popo_lite.core.siamese import EMA, ema_update
-from popo_lite.core.updates import NonFiniteLoss, Update, grpo_update, kl_policy_ema, popo_update
+from popo_lite.core.updates import (
+    NonFiniteLoss,
+    Update,
+    grpo_update,
+    kl_policy_ema,
+    popo_update,
+    splits_by_length,
+)
 from popo_lite.data.problems import Problem, format_prompt
 from popo_lite.training.failures import TrainingError, out_of_memory_advice
 from popo_lite.training.records import PhaseTimer, StepResult, evaluate_during_training, step_record
@@ -72,7 +79,7 @@ def step(session: Session) -> dict:
                 config.micro_batch_size,
                 config.temperature,
                 config.shared_prompts,
-                config.split_by_length,
+                splits_by_length(config, session.device),
             )
     with timer.phase("update"), out_of_memory_advice(config, "update", last_checkpoint):
         update, skipped = gradients(session, rollouts, rewards, timer)
