@@ -66,7 +66,7 @@ NEW = {  # the defaults
     "shared_prompts": True,
     "gradient_checkpointing": "auto",
     "decode_unfinished_rows": "auto",
-    "split_by_length": True,
+    "split_by_length": "auto",
 }
 PATHS: dict[str, dict] = {
     "today": TODAY,

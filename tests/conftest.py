@@ -77,6 +77,23 @@ def live_policy(config: Config):
     return model, tokenizer
 
 
+def siamese_policy(config: Config):
+    """`live_policy` with an EMA adapter moved away from it (so the two branches differ) and a
+    predictor: (model, tokenizer, predictor)."""
+    from popo_lite.core.siamese import Predictor, ema_reset, ema_update
+
+    model, tokenizer = live_policy(config)
+    ema_reset(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_A.policy" in name:
+                param.add_(0.1)
+    ema_update(model, 0.5)
+    torch.manual_seed(1)
+    predictor = Predictor(model.get_base_model().config.hidden_size, config.predictor_dim)
+    return model, tokenizer, predictor
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_model_folder(tmp_path_factory.mktemp("tiny-llama"))

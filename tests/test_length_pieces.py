@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import live_policy
+from conftest import siamese_policy
 
 from popo_lite.core import policy_forward
 from popo_lite.core.policy_forward import length_pieces
-from popo_lite.core.siamese import Predictor, ema_reset, ema_update
 from popo_lite.core.updates import grpo_update, kl_policy_ema, popo_update
 from popo_lite.engine.rollouts import generate_rollouts
 
@@ -35,15 +34,7 @@ def test_length_pieces_by_hand():
 def _policy_and_rollouts(tiny_config, qlora: bool, **overrides):
     """A live policy, its EMA moved away from it, a predictor, and rollouts of many lengths."""
     config = tiny_config(qlora=qlora, micro_batch_size=8, noise_std=0.0, max_new_tokens=12, **overrides)
-    model, tokenizer = live_policy(config)
-    ema_reset(model)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_A.policy" in name:
-                param.add_(0.1)
-    ema_update(model, 0.5)
-    torch.manual_seed(1)
-    predictor = Predictor(model.get_base_model().config.hidden_size, config.predictor_dim)
+    model, tokenizer, predictor = siamese_policy(config)
     stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("0")]  # rows end at many steps
     model.generation_config.eos_token_id = stops
     torch.manual_seed(3)

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import live_policy
+from conftest import siamese_policy
 
 from popo_lite.core import updates
 from popo_lite.core.rollouts import Rollouts
-from popo_lite.core.siamese import Predictor, ema_reset, ema_update
 from popo_lite.core.updates import grpo_update, kl_policy_ema, popo_update
 from popo_lite.engine.rollouts import generate_rollouts
 
@@ -33,16 +32,7 @@ PATHS = {  # today's path (one prompt forward per rollout, checkpointed) and the
 def _policy(tiny_config, qlora: bool, **overrides):
     """A live policy (LoRA B non-zero) with an EMA adapter that differs from it, and a predictor."""
     config = tiny_config(qlora=qlora, micro_batch_size=5, noise_std=0.0, **overrides)
-    model, tokenizer = live_policy(config)
-    ema_reset(model)
-    with torch.no_grad():  # move the policy away from the EMA, so the two branches differ
-        for name, param in model.named_parameters():
-            if "lora_A.policy" in name:
-                param.add_(0.1)
-    ema_update(model, 0.5)
-    torch.manual_seed(1)
-    predictor = Predictor(model.get_base_model().config.hidden_size, config.predictor_dim)
-    return config, model, tokenizer, predictor
+    return config, *siamese_policy(config)
 
 
 def _rollouts(model, tokenizer) -> Rollouts:
