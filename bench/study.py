@@ -114,7 +114,6 @@ from bench.study_arms import (  # noqa: E402
     StudyError,
     expand_arms,
     split_heldout,
-    unavailable,
 )
 from bench.study_results import (  # noqa: E402
     add_grid,
@@ -354,11 +353,6 @@ def main(argv: list[str] | None = None) -> int:
     except StudyError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    for arm in list(arms):
-        reason = unavailable(arm)
-        if reason:
-            print(reason, flush=True)
-            arms.remove(arm)
     if args.measure_base:
         arms = ["base"]
     if not args.report:

@@ -336,18 +336,6 @@ def arm_values(arm: str) -> dict:
     return values
 
 
-def unavailable(arm: str) -> str | None:
-    """Why popo_lite cannot run this arm yet (a config field it does not know), or None."""
-    spec = ARMS[arm]
-    keys = list(spec.overrides)
-    if spec.recipe is not None:
-        keys += list(yaml.safe_load((ROOT / spec.recipe).read_text()) or {})
-    unknown = [key for key in keys if key not in FIELD_NAMES]
-    if unknown:
-        return f"{arm}: popo_lite's Config has no field {', '.join(unknown)} yet; skipped"
-    return None
-
-
 def expand_arms(names: list[str]) -> list[str]:
     arms: list[str] = []
     for name in names:

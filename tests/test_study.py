@@ -212,10 +212,7 @@ def test_arms_share_the_study_config_and_change_only_the_objective(tiny_model_di
     study = load_study()
     args = study.parser().parse_args(tiny_options(tiny_model_dir, digit_problems, tmp_path))
     built = study.build_study(args)
-    from bench.study_arms import unavailable
-
-    # nll-step needs popo_lite's nll_normalization field; until it exists the study skips that arm
-    configs = {arm: built.config(arm, 3).to_dict() for arm in study.ARMS if unavailable(arm) is None}
+    configs = {arm: built.config(arm, 3).to_dict() for arm in study.ARMS}
     objective = {"algo", "weight_mode", "alpha", "tau", "beta_entropy", "nll_normalization", "run_name"}
     reference = {k: v for k, v in configs["popo"].items() if k not in objective}
     for arm, config in configs.items():
