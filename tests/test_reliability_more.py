@@ -330,6 +330,54 @@ def test_a_junk_model_folder_or_fake_gguf_is_a_model_error(tmp_path):
         resolve_model_source(Config(model=str(folder), gguf_file="inside.gguf"))
 
 
+def test_two_runs_converting_one_gguf_at_once_both_get_the_complete_folder(tmp_path, monkeypatch):
+    """Two processes on a fresh cache (two study lanes) convert the same GGUF at the same moment: each
+    writes its own folder and the first rename wins; neither fails, and no half-written folder stays."""
+    import threading
+
+    from popo_lite.engine import model as model_module
+
+    saving = threading.Barrier(2, timeout=10)  # both conversions are mid-save together
+
+    class Fake:
+        config = type("C", (), {})()
+        hf_quantizer = None
+
+        @classmethod
+        def from_pretrained(cls, *args, **kwargs):
+            return cls()
+
+        def save_pretrained(self, folder):
+            saving.wait()
+            Path(folder, "config.json").write_text("{}")
+
+    monkeypatch.setenv("POPO_LITE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(model_module, "AutoModelForCausalLM", Fake)
+    monkeypatch.setattr(
+        model_module, "AutoTokenizer", type("T", (Fake,), {"save_pretrained": lambda s, f: None})
+    )
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    got, errors = [], []
+
+    def convert():
+        try:
+            got.append(model_module.materialise_gguf(gguf))
+        except Exception as error:  # either process failing fails the test
+            errors.append(error)
+
+    threads = [threading.Thread(target=convert) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    target = tmp_path / "cache" / "gguf" / "m"
+    assert got == [target, target]
+    assert (target / "config.json").is_file() and (target / "COMPLETE").is_file()
+    assert sorted(p.name for p in target.parent.iterdir()) == ["m"]
+
+
 def test_cli_unwritable_output_dir_exits_2_naming_it(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -77,7 +79,7 @@ def materialise_gguf(gguf_path: Path) -> Path:
     (docs/measurements.md section 2.1).
     """
     target = cache_dir() / "gguf" / gguf_path.stem
-    if (target / "config.json").is_file() and (target / "COMPLETE").is_file():
+    if _converted(target):
         return target
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
@@ -93,16 +95,28 @@ def materialise_gguf(gguf_path: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    partial = target.with_name(target.name + ".partial")
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    (partial / "COMPLETE").write_text("ok\n")
-    if target.exists():
-        import shutil
-
-        shutil.rmtree(target)
-    partial.rename(target)
+    # Each process converts into its own folder and renames it into place: two runs started at once on
+    # a fresh cache (two study lanes, the panel and a notebook) must not write into one folder.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=target.name + ".partial-", dir=target.parent))
+    try:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        (partial / "COMPLETE").write_text("ok\n")
+        if target.exists() and not _converted(target):
+            shutil.rmtree(target, ignore_errors=True)  # a conversion killed before it completed
+        try:
+            partial.rename(target)
+        except OSError:  # another process renamed its own complete conversion into place first
+            if not _converted(target):
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return target
+
+
+def _converted(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "COMPLETE").is_file()
 
 
 def _check_gguf(path: Path, what: str) -> Path:
