@@ -376,6 +376,7 @@ def test_two_runs_converting_one_gguf_at_once_both_get_the_complete_folder(tmp_p
     assert got == [target, target]
     assert (target / "config.json").is_file() and (target / "COMPLETE").is_file()
     assert sorted(p.name for p in target.parent.iterdir()) == ["m"]
+    assert target.stat().st_mode & 0o777 == 0o755  # readable by the cache's other users
 
 
 def test_cli_unwritable_output_dir_exits_2_naming_it(tmp_path):

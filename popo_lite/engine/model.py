@@ -99,6 +99,7 @@ def materialise_gguf(gguf_path: Path) -> Path:
     # a fresh cache (two study lanes, the panel and a notebook) must not write into one folder.
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=target.name + ".partial-", dir=target.parent))
+    partial.chmod(0o755)  # mkdtemp's 0700 would hide the converted model from the cache's other users
     try:
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
