@@ -74,6 +74,8 @@ def trl_arguments(config: Config, run_dir: Path, seed: int, model, device: torch
         config.micro_batch_size if rows % config.micro_batch_size == 0 else config.rollouts_per_prompt
     )
     dtype = next(p for n, p in model.named_parameters() if "lora_" not in n and p.is_floating_point()).dtype
+    # as trl_policy set the model up: it resolved `auto` once (and printed the planner's line)
+    checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
     warmup = math.ceil(config.warmup_ratio * config.steps)
     schedule = (
         "cosine" if config.lr_schedule == "cosine" else ("constant_with_warmup" if warmup else "constant")
@@ -102,7 +104,7 @@ def trl_arguments(config: Config, run_dir: Path, seed: int, model, device: torch
         # gradient; off, TRL's loss has popo_lite's GRPO gradient (tests/test_reference.py checks both).
         use_bias_correction_kl=False,
         num_iterations=1,
-        gradient_checkpointing=bool(resolve_checkpointing(config).gradient_checkpointing),
+        gradient_checkpointing=checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=1,
         save_strategy="no",

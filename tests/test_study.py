@@ -264,6 +264,25 @@ def test_the_trl_arm_starts_from_the_trainer_arms_lora(tiny_config):
     assert all(p.dtype == torch.float32 for n, p in theirs.named_parameters() if "lora_" in n)
 
 
+def test_trl_arguments_checkpoint_as_the_policy_was_set_up(tiny_config, tmp_path, capsys):
+    """TRL's GRPOConfig takes gradient checkpointing from the model trl_policy built, on and off; `auto`
+    is resolved once, so the planner's line prints once."""
+    import torch
+
+    study = load_study()
+    for setting in (True, False, "auto"):
+        config = tiny_config(seed=3, gradient_checkpointing=setting)
+        capsys.readouterr()
+        model, _, _ = study.trl_policy(config)
+        arguments = study.trl_arguments(config, tmp_path / str(setting), 3, model, torch.device("cpu"))
+        printed = capsys.readouterr().out
+        if setting == "auto":
+            assert printed.count("gradient_checkpointing auto:") == 1
+            assert arguments.gradient_checkpointing is ("auto: on" in printed)
+        else:
+            assert arguments.gradient_checkpointing is setting
+
+
 def test_two_study_processes_share_one_results_file(tmp_path):
     """Each process holds only what it read at start; adding a run keeps the other process's runs."""
     study = load_study()
