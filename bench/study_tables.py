@@ -4,7 +4,8 @@
     python bench/study_tables.py --chosen    # print each method's chosen learning rate
 
 bench/study.py renders the same tables after every cell of `--mode sweep`, `confirm` and `ablations`.
-All numbers are in %, mean ± standard deviation over seeds; differences in points.
+All numbers are in %, mean ± standard deviation over seeds; differences in points. The figures
+(bench/study_figures.py) are drawn beside each table and linked from it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.study_arms import ABLATIONS, MODES, SWEEP_RATES, ema_moved, rate_name  # noqa: E402
+from bench.study_figures import confirm_figures, sweep_figure  # noqa: E402
 from bench.study_results import load_results, with_suffix  # noqa: E402
 from bench.study_selection import (  # noqa: E402
     SELECTION_RULE,
@@ -330,8 +332,16 @@ def _ablation_lines(results: dict, metrics: list, popo_rate: float | None) -> li
 
 
 def write_tables(prefix: Path, results: dict) -> str:
-    """PREFIX.md from the results, as the sweep's or confirm's table (by the file's mode)."""
-    text = sweep_markdown(results) if results.get("mode") == "sweep" else confirm_markdown(results)
+    """PREFIX.md from the results, as the sweep's or confirm's table (by the file's mode), and its
+    figures beside it (bench/study_figures.py), linked at the end."""
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    if results.get("mode") == "sweep":
+        text, figures = sweep_markdown(results), sweep_figure(results, prefix)
+    else:
+        arms, metrics = ["base", *METHODS, *ABLATIONS], _metrics(_ks(results))
+        text, figures = confirm_markdown(results), confirm_figures(results, metrics, prefix, arms)
+    if figures:
+        text += "\n".join(["", "## Figures", "", *[f"![{title}]({path.name})\n" for title, path in figures]])
     with_suffix(prefix, ".md").write_text(text)
     return text
 

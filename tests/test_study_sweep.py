@@ -21,7 +21,7 @@ from bench.study_arms import (  # noqa: E402
     split_heldout,
 )
 from bench.study_selection import choose_rate, chosen_rates, paired_difference, t_975  # noqa: E402
-from bench.study_tables import confirm_markdown, sweep_markdown  # noqa: E402
+from bench.study_tables import confirm_markdown, sweep_markdown, write_tables  # noqa: E402
 from popo_lite.config import Config  # noqa: E402
 from popo_lite.evaluation.benchmarks import load_benchmarks  # noqa: E402
 
@@ -208,6 +208,24 @@ def test_the_sweep_table_renders_before_any_cell_with_the_rule():
     assert "| grpo | MISSING | MISSING | MISSING | MISSING | MISSING | not yet |" in text
     assert "0 of 30 cells measured." in text
     assert math.isclose(0.5 ** (2 / 24), half_life_tau(24))
+
+
+def test_the_tables_link_their_figures_drawn_beside_them(tmp_path):
+    """The sweep's rate figure and confirm's paired differences are PNGs next to the Markdown, linked
+    from it; an empty sweep draws nothing and links nothing."""
+    empty = write_tables(tmp_path / "empty", {"mode": "sweep", "runs": []})
+    assert "## Figures" not in empty and not list(tmp_path.glob("empty-*.png"))
+    cells = [cell(arm, rate, seed, 0.2 + rate * 1000 + 0.05 * seed) for arm in ("grpo", "popo", "psr")
+             for rate in (1e-4, 2e-4) for seed in (0, 1)]  # fmt: skip
+    sweep = write_tables(tmp_path / "sweep", {"mode": "sweep", "runs": cells})
+    assert "![validation greedy pass@1 against the learning rate](sweep-rates.png)" in sweep
+    passk = {"pass@1": 0.5, "pass@64": 0.9}
+    runs = [{**c, "passk": passk, "about": c["arm"]} for c in cells if c["learning_rate"] == 2e-4]
+    confirm = write_tables(tmp_path / "confirm", {"mode": "confirm", "runs": runs})
+    assert "![the paired differences per seed](confirm-differences.png)" in confirm
+    assert "![pass@k against k](confirm-passk.png)" in confirm
+    for name in ("sweep-rates.png", "confirm-differences.png", "confirm-passk.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow  # three tiny cells and two bases on the tiny model: about 1 min on 2 busy cores
