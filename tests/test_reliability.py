@@ -95,10 +95,21 @@ def test_full_disk_while_checkpointing_leaves_the_previous_checkpoint_valid(tiny
     assert resumed.step == 1
 
 
-def _cli(args: list[str], cwd: Path) -> subprocess.Popen:
+# the CLI with transformers' from_pretrained replaced by an exit 97: whatever reaches a model load exits 97
+NO_LOAD = [
+    "-c",
+    "import sys, transformers\n"
+    "transformers.PreTrainedModel.from_pretrained = classmethod(lambda *a, **k: sys.exit(97))\n"
+    "from popo_lite.train import main\n"
+    "sys.exit(main(sys.argv[1:]))",
+]
+
+
+def _cli(args: list[str], cwd: Path, entry: list[str] | None = None) -> subprocess.Popen:
+    """`python -m popo_lite.train ARGS`, or `python ENTRY ARGS` (ENTRY: `-c CODE` that runs main)."""
     env = {**os.environ, **CLI_ENV}
     return subprocess.Popen(
-        [sys.executable, "-m", "popo_lite.train", *args],
+        [sys.executable, *(entry or ["-m", "popo_lite.train"]), *args],
         cwd=cwd,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -178,13 +189,20 @@ def test_sigkilled_run_resumes_and_matches_an_uninterrupted_run(tiny_cli_args, t
     ],
 )
 def test_bad_input_fails_fast_with_one_message_naming_it(args, named, tmp_path):
-    started = time.monotonic()
-    process = _cli([*args, "--output_dir", str(tmp_path / "runs")], tmp_path)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 2
+    """Exit 2 with one line naming the problem, before any weights load: the CLI runs with transformers'
+    from_pretrained replaced by an exit 97, so a run that got as far as loading a model fails this."""
+    process = _cli([*args, "--output_dir", str(tmp_path / "runs")], tmp_path, NO_LOAD)
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 2, stderr
     assert named in stderr and "Traceback" not in stderr
-    assert time.monotonic() - started < 60  # before any model load or generation
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_the_load_guard_of_the_bad_input_test_catches_a_load(tiny_cli_args, tmp_path):
+    """The guard above is live: with good input the guarded CLI reaches from_pretrained and exits 97."""
+    process = _cli([*tiny_cli_args, "--output_dir", str(tmp_path / "runs")], tmp_path, NO_LOAD)
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 97, stderr
 
 
 def test_missing_chat_template_fails_before_the_weights_load(tiny_config, tiny_model_dir):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import siamese_policy
 
-from popo_lite.core import updates
+from popo_lite.core import step_forwards
 from popo_lite.core.rollouts import Rollouts
 from popo_lite.core.updates import grpo_update, kl_policy_ema, popo_update
 from popo_lite.engine.rollouts import generate_rollouts
@@ -129,13 +129,13 @@ def test_the_shared_update_runs_each_prompt_once_per_pass(tiny_config, monkeypat
     rollouts = _rollouts(model, tokenizer)
     _checkpointing(model, False)
     calls: list[tuple[int, bool]] = []
-    original = updates.prompt_prefix
+    original = step_forwards.prompt_prefix
 
     def counting(model, prompt_ids, prompt_mask):
         calls.append((prompt_ids.shape[0], torch.is_grad_enabled()))
         return original(model, prompt_ids, prompt_mask)
 
-    monkeypatch.setattr(updates, "prompt_prefix", counting)
+    monkeypatch.setattr(step_forwards, "prompt_prefix", counting)
     popo_update(model, predictor, rollouts, REWARDS, config, torch.Generator().manual_seed(0))
     assert sorted(calls) == [(3, False), (3, False), (4, True)]
 
@@ -147,13 +147,13 @@ def test_under_gradient_checkpointing_the_loss_forward_keeps_one_prompt_per_roll
     rollouts = _rollouts(model, tokenizer)
     _checkpointing(model, True)
     results = []
-    original = updates.prompt_prefix
+    original = step_forwards.prompt_prefix
 
     def recording(*args):
         results.append((torch.is_grad_enabled(), original(*args)))
         return results[-1][1]
 
-    monkeypatch.setattr(updates, "prompt_prefix", recording)
+    monkeypatch.setattr(step_forwards, "prompt_prefix", recording)
     popo_update(model, predictor, rollouts, REWARDS, config, torch.Generator().manual_seed(0))
     assert [prefix is None for grad, prefix in results if grad] == [True]
     assert [prefix is None for grad, prefix in results if not grad] == [False, False]

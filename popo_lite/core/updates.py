@@ -31,11 +31,12 @@ import torch
 from torch import nn
 
 from popo_lite.config import Config
-from popo_lite.core.logprobs import PromptPrefix, prompt_prefix
+from popo_lite.core.logprobs import PromptPrefix
 from popo_lite.core.objectives import grpo_advantages, grpo_loss, kl_k3, popo_loss, popo_weights
 from popo_lite.core.policy_forward import PolicyForward
 from popo_lite.core.rollouts import Rollouts
 from popo_lite.core.siamese import Predictor, ema_forward
+from popo_lite.core.step_forwards import forward_rows, shared_prefix
 
 
 class NonFiniteLoss(RuntimeError):
@@ -58,81 +59,6 @@ class Replicated(Protocol):
     def sync(self, last: bool): ...  # gradient all-reduce on the last micro-batch only
 
     def max_count(self, count: int) -> int: ...  # the largest `count` over the processes
-
-
-def _rows(rollouts: Rollouts, mb_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
-    """input_ids, attention_mask, prompt width and completion mask of some rows, padding columns trimmed."""
-    mb_prompt_mask = rollouts.prompt_mask[mb_rows]
-    mb_completion_mask = rollouts.completion_mask[mb_rows]
-    first = int((mb_prompt_mask.sum(0) > 0).nonzero()[0]) if mb_prompt_mask.any() else 0
-    width = max(int(mb_completion_mask.sum(1).max()), 1)
-    mb_prompt_ids = rollouts.prompt_ids[mb_rows, first:]
-    mb_completion_ids = rollouts.completion_ids[mb_rows, :width]
-    mb_completion_mask = mb_completion_mask[:, :width]
-    mb_input_ids = torch.cat([mb_prompt_ids, mb_completion_ids], dim=1)  # (n, P' + T')
-    mb_attention_mask = torch.cat([mb_prompt_mask[:, first:], mb_completion_mask], dim=1)
-    return mb_input_ids, mb_attention_mask, mb_prompt_ids.shape[1], mb_completion_mask
-
-
-def _forward(
-    forward: nn.Module,
-    rollouts: Rollouts,
-    mb_rows: torch.Tensor,
-    temperature: float,
-    prefix: PromptPrefix | None = None,
-    **flags,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """(token log-probs (n, T'), entropy, features (n, H), predicted (n, H), completion mask (n, T')) of
-    `mb_rows` through `forward` (a PolicyForward or its DDP wrapper); with gradient unless under no_grad.
-    With `prefix` (the step's prompts run once, `shared_prefix`), only the completions run here."""
-    if prefix is None:
-        input_ids, attention_mask, prompt_width, completion_mask = _rows(rollouts, mb_rows)
-        outputs = forward(input_ids, attention_mask, prompt_width, completion_mask, temperature, **flags)
-        return (*outputs, completion_mask)
-    width = max(int(rollouts.completion_mask[mb_rows].sum(1).max()), 1)
-    completion_ids = rollouts.completion_ids[mb_rows, :width]  # (n, T')
-    completion_mask = rollouts.completion_mask[mb_rows, :width]
-    prefix_rows = mb_rows // rollouts.group_size  # rows i*G .. i*G + G - 1 share prompt i
-    if prefix.group_rows is not None:  # a prefix of some groups only
-        prefix_rows = prefix.group_rows[prefix_rows]
-    outputs = forward(
-        completion_ids,
-        completion_mask,
-        0,
-        completion_mask,
-        temperature,
-        prefix=prefix,
-        prefix_rows=prefix_rows,
-        **flags,
-    )
-    return (*outputs, completion_mask)
-
-
-def shared_prefix(
-    model, rollouts: Rollouts, enabled: bool, b_rows: torch.Tensor | None = None
-) -> PromptPrefix | None:
-    """The step's distinct prompts (those of the groups of `b_rows`, all B without) run through `model`
-    once, with gradient unless under no_grad; or None: `shared_prompts` off, or a model whose cache
-    cannot be shared (`prompt_prefix`). Under gradient checkpointing transformers builds no cache in a
-    training forward, so that case is None too."""
-    group = rollouts.group_size
-    rows, width = rollouts.prompt_ids.shape
-    if not enabled or rows % group:
-        return None
-    grouped = rollouts.prompt_ids.view(rows // group, group, width)  # (B, G, P)
-    if not bool((grouped == grouped[:, :1]).all()):  # a record whose groups do not share their prompt
-        return None
-    groups, group_rows = torch.arange(rows // group, device=rollouts.prompt_ids.device), None
-    if b_rows is not None:
-        groups = torch.unique(b_rows // group)  # (U,)
-        group_rows = torch.full((rows // group,), -1, dtype=torch.long, device=groups.device)
-        group_rows[groups] = torch.arange(len(groups), device=groups.device)
-    prompt_mask = rollouts.prompt_mask[::group][groups]  # (U, P)
-    first = int((prompt_mask.sum(0) > 0).nonzero()[0]) if prompt_mask.any() else 0
-    prefix = prompt_prefix(model, rollouts.prompt_ids[::group][groups, first:], prompt_mask[:, first:])
-    if prefix is not None:
-        prefix.group_rows = group_rows
-    return prefix
 
 
 def splits_by_length(config: Config, device: torch.device) -> bool:
@@ -210,7 +136,7 @@ def sequence_logprobs(
     prefix = shared_prefix(model, rollouts, shared_prompts, b_rows)
     means, sums, per_token = [], [], []
     for mb_rows in _micro_batches(b_rows, micro_batch_size):
-        mb_logprobs, _, _, _, mb_mask = _forward(forward, rollouts, mb_rows, temperature, prefix)
+        mb_logprobs, _, _, _, mb_mask = forward_rows(forward, rollouts, mb_rows, temperature, prefix)
         mean, summed = _sequence_scores(mb_logprobs, mb_mask)
         means.append(mean)
         sums.append(summed)
@@ -332,7 +258,7 @@ class _EMATargets:
         with ema_forward(self.model):
             if self.shared_prompts and self.prefix is None:
                 self.prefix = shared_prefix(self.model, self.rollouts, True, self.b_rows)
-            outputs = _forward(
+            outputs = forward_rows(
                 self.forward,
                 self.rollouts,
                 b_rows,
@@ -483,7 +409,7 @@ def popo_update(
             continue  # the spec's loss here is exactly zero (entropy skipped too): no forward needed
         with _sync(replicas, number, len(micro_batches)):
             with _phase(timer, "loss"):
-                mb_outputs = _forward(
+                mb_outputs = forward_rows(
                     forward,
                     rollouts,
                     mb_rows,
@@ -555,14 +481,14 @@ def grpo_update(
     for number, mb_rows in enumerate(micro_batches):
         with _sync(replicas, number, len(micro_batches)):
             with _phase(timer, "loss"):
-                mb_logprobs, _, _, _, mb_mask = _forward(
+                mb_logprobs, _, _, _, mb_mask = forward_rows(
                     forward, rollouts, mb_rows, config.temperature, leaves
                 )
             token_logprobs.update(zip(mb_rows.tolist(), _token_lists(mb_logprobs, mb_mask), strict=True))
             mb_ref_logprobs = None
             if config.grpo_beta > 0:
                 with _phase(timer, "reference"), torch.no_grad(), model.disable_adapter():
-                    mb_ref_logprobs = _forward(
+                    mb_ref_logprobs = forward_rows(
                         plain, rollouts, mb_rows, config.temperature, reference_prefix
                     )[0]
             with _phase(timer, "loss"):
@@ -599,9 +525,9 @@ def kl_policy_ema(
     b_rows = torch.arange(rollouts.completion_ids.shape[0], device=rollouts.completion_ids.device)
     values, tokens = [], []
     for mb_rows in _micro_batches(b_rows, micro_batch_size):
-        mb_policy, _, _, _, mb_mask = _forward(forward, rollouts, mb_rows, temperature, policy_prefix)
+        mb_policy, _, _, _, mb_mask = forward_rows(forward, rollouts, mb_rows, temperature, policy_prefix)
         with ema_forward(model):
-            mb_ema = _forward(forward, rollouts, mb_rows, temperature, ema_prefix)[0]
+            mb_ema = forward_rows(forward, rollouts, mb_rows, temperature, ema_prefix)[0]
         values.append(float(kl_k3(mb_policy, mb_ema, mb_mask)) * float(mb_mask.sum()))
         tokens.append(float(mb_mask.sum()))
     return sum(values) / max(sum(tokens), 1.0)
