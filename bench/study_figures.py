@@ -39,6 +39,13 @@ def _save(plt, fig, prefix: Path, name: str) -> Path:
     return path
 
 
+def _means_by_rate(runs: list[dict], value) -> tuple[list[float], list[float]]:
+    """The rates measured, ascending, and the mean of `value` over each rate's runs, in %."""
+    measured = sorted({r["learning_rate"] for r in runs})
+    means = [100 * statistics.mean(value(r) for r in runs if r["learning_rate"] == rate) for rate in measured]
+    return measured, means
+
+
 def sweep_figure(results: dict, prefix: Path) -> list[tuple[str, Path]]:
     """Validation greedy pass@1 against the learning rate, per method (nothing before any cell)."""
     cells = [r for r in results["runs"] if r["arm"] != "base" and "greedy" in r]
@@ -59,22 +66,14 @@ def sweep_figure(results: dict, prefix: Path) -> list[tuple[str, Path]]:
             alpha=0.45,
             s=14,
         )
-        measured = sorted({r["learning_rate"] for r in runs})
-        means = [
-            100 * statistics.mean(r["greedy"]["pass@1"] for r in runs if r["learning_rate"] == rate)
-            for rate in measured
-        ]
+        measured, means = _means_by_rate(runs, lambda r: r["greedy"]["pass@1"])
         ax.plot(measured, means, "-", color=COLORS[arm], label=arm)
         if chosen.get(arm) is not None:
             at = means[measured.index(chosen[arm])]
             ax.plot([chosen[arm]], [at], "*", color=COLORS[arm], markersize=14, markeredgecolor="black")
     emas = [r for r in cells if r["arm"] == "popo" and "greedy" in r.get("ema", {})]
     if emas:
-        measured = sorted({r["learning_rate"] for r in emas})
-        means = [
-            100 * statistics.mean(r["ema"]["greedy"]["pass@1"] for r in emas if r["learning_rate"] == rate)
-            for rate in measured
-        ]
+        measured, means = _means_by_rate(emas, lambda r: r["ema"]["greedy"]["pass@1"])
         ax.plot(measured, means, ":", color=COLORS["popo"], label="popo's EMA adapter")
     base = next((r for r in results["runs"] if r["arm"] == "base" and "greedy" in r), None)
     if base is not None:
@@ -101,8 +100,8 @@ def differences_figure(results: dict, metrics: list, prefix: Path) -> list[tuple
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 4), squeeze=False)
     for ax, (name, value) in zip(axes[0], metrics, strict=True):
+        popo = {r["seed"]: value(r) for r in by_arm["popo"]}
         for place, other in enumerate(pairs):
-            popo = {r["seed"]: value(r) for r in by_arm["popo"]}
             theirs = {r["seed"]: value(r) for r in by_arm[other]}
             seeds = sorted(set(popo) & set(theirs))
             dots = [100 * (popo[s] - theirs[s]) for s in seeds]

@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.study_arms import ABLATIONS, MODES, SWEEP_RATES, ema_moved, rate_name  # noqa: E402
-from bench.study_figures import confirm_figures, sweep_figure  # noqa: E402
+from bench.study_figures import METHODS, confirm_figures, sweep_figure  # noqa: E402
 from bench.study_results import load_results, with_suffix  # noqa: E402
 from bench.study_selection import (  # noqa: E402
     SELECTION_RULE,
@@ -31,7 +31,6 @@ from bench.study_selection import (  # noqa: E402
     sweep_means,
 )
 
-METHODS = ("grpo", "popo", "psr")
 SHOWN_KS = (1, 16, 64)
 
 
