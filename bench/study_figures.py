@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench.study_arms import rate_name
 from bench.study_results import render_figures
-from bench.study_selection import chosen_rates, paired_difference, sweep_grid
+from bench.study_selection import by_seed, chosen_rates, paired_difference, sweep_grid
 
 METHODS = ("grpo", "popo", "psr")
 COLORS = {"grpo": "tab:blue", "popo": "tab:orange", "psr": "tab:green"}  # tab10's first three
@@ -100,9 +100,9 @@ def differences_figure(results: dict, metrics: list, prefix: Path) -> list[tuple
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 4), squeeze=False)
     for ax, (name, value) in zip(axes[0], metrics, strict=True):
-        popo = {r["seed"]: value(r) for r in by_arm["popo"]}
+        popo = by_seed(by_arm["popo"], value)
         for place, other in enumerate(pairs):
-            theirs = {r["seed"]: value(r) for r in by_arm[other]}
+            theirs = by_seed(by_arm[other], value)
             seeds = sorted(set(popo) & set(theirs))
             dots = [100 * (popo[s] - theirs[s]) for s in seeds]
             ax.scatter([place] * len(dots), dots, color=COLORS[other], alpha=0.6, s=16)

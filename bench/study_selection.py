@@ -101,6 +101,11 @@ def sweep_grid(results: dict) -> tuple[list[float], list[int]]:
     return sorted(rates), sorted(seeds)
 
 
+def by_seed(runs: list[dict], value) -> dict[int, float]:
+    """{seed: value(run)} over one arm's runs: the per-seed side of a paired difference."""
+    return {r["seed"]: value(r) for r in runs}
+
+
 def paired_difference(first: dict[int, float], second: dict[int, float]) -> dict | None:
     """first - second over the seeds both have: mean, the 95 % t interval over seeds, n.
 

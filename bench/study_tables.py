@@ -25,6 +25,7 @@ from bench.study_figures import METHODS, confirm_figures, sweep_figure  # noqa: 
 from bench.study_results import load_results, with_suffix  # noqa: E402
 from bench.study_selection import (  # noqa: E402
     SELECTION_RULE,
+    by_seed,
     chosen_rates,
     paired_difference,
     sweep_grid,
@@ -188,10 +189,6 @@ def _metrics(ks: list[int]) -> list[tuple[str, callable]]:
     return metrics + [(f"pass@{k}", lambda r, k=k: r["passk"][f"pass@{k}"]) for k in ks]
 
 
-def _by_seed(runs: list[dict], value) -> dict[int, float]:
-    return {r["seed"]: value(r) for r in runs}
-
-
 def confirm_markdown(results: dict) -> str:
     ks = _ks(results)
     metrics = _metrics(ks)
@@ -247,7 +244,7 @@ def confirm_markdown(results: dict) -> str:
     ]
     for other in ("grpo", "psr"):
         differences = [
-            paired_difference(_by_seed(main["popo"], value), _by_seed(main[other], value))
+            paired_difference(by_seed(main["popo"], value), by_seed(main[other], value))
             for _, value in metrics
         ]
         n = next((d["n"] for d in differences if d), 0)
@@ -322,7 +319,7 @@ def _ablation_lines(results: dict, metrics: list, popo_rate: float | None) -> li
     for arm, runs in ablations.items():
         cells = [_percent([value(r) for r in runs]) for _, value in metrics]
         for _, value in (metrics[0], metrics[-1]):
-            cells.append(_interval(paired_difference(_by_seed(runs, value), _by_seed(reference, value))))
+            cells.append(_interval(paired_difference(by_seed(runs, value), by_seed(reference, value))))
         lines.append(f"| {arm} ({runs[0]['about']}) | {len(runs)} | " + " | ".join(cells) + " |")
     return lines
 
