@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import cpu_name  # noqa: E402
 from popo_lite.training.runs import read_jsonl  # noqa: E402
 from popo_lite.training.summary import run_summary  # noqa: E402
 
@@ -67,13 +68,6 @@ def run_one(mode: str, seed: int, runs_dir: Path) -> dict:
         "heldout_before": summary["heldout_before"],
         "heldout_after": summary["heldout_after"],
     }
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def _mean(values: list[float]) -> float:

@@ -42,6 +42,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
+from machine import cpu_name  # noqa: E402
 from step_cost_report import markdown, summarise  # noqa: E402
 from step_flops import Batch, step_flops  # noqa: E402
 from study_results import command_line  # noqa: E402
@@ -319,16 +320,6 @@ def trl_steps(name: str, args: argparse.Namespace, runs_dir: Path) -> dict:
         "seconds_step": steps[args.warmup :],
         "positives": [count for _, count in rewards[args.warmup :]],
     }
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def versions() -> dict[str, str]:

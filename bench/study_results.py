@@ -9,7 +9,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import platform
 import statistics
 import sys
 from datetime import date, datetime
@@ -17,17 +16,13 @@ from pathlib import Path
 
 import torch
 
+from bench.machine import device_name
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def command_line() -> str:
     return "python " + " ".join(sys.argv).replace(str(ROOT) + "/", "")
-
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"CPU ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
 def load_results(path: Path) -> dict:

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
+from bench.machine import device_name
 from bench.study_arms import ARMS, PROBE_SEED, Study, ema_moved
-from bench.study_results import command_line, device_name
+from bench.study_results import command_line
 from popo_lite.config import Config
 from popo_lite.core.logprobs import completion_stats
 from popo_lite.core.rewards import score

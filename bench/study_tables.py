@@ -57,6 +57,16 @@ def _trained(results: dict, arm: str, rate: float | None = None) -> list[dict]:
     ]
 
 
+def _devices(results: dict) -> str:
+    """Every machine the cells ran on, with how many cells each: a study can span sessions."""
+    counts: dict[str, int] = {}
+    for r in results["runs"]:
+        counts[r.get("device", "?")] = counts.get(r.get("device", "?"), 0) + 1
+    if len(counts) == 1:
+        return f"device {next(iter(counts))}"
+    return "devices " + "; ".join(f"{name} ({n} cells)" for name, n in counts.items())
+
+
 def _settings(results: dict) -> list[str]:
     run = next((r for r in results["runs"] if r["arm"] != "base" and "config" in r), None)
     base = next((r for r in results["runs"] if r["arm"] == "base" and "config" in r), None)
@@ -66,7 +76,7 @@ def _settings(results: dict) -> list[str]:
         lines.append(
             f"Model `{c['model']}`{' (NF4)' if c.get('qlora') else ''}; held-out "
             f"`{c['eval_benchmarks'][0]}`, {part} part: {base['greedy']['problems']} problems; prompt "
-            f"`{c['prompt_template']}`; temperature {c['temperature']}; device {base.get('device', '?')}."
+            f"`{c['prompt_template']}`; temperature {c['temperature']}; " + _devices(results) + "."
         )
     if run is not None:
         c = run["config"]

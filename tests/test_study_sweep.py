@@ -202,6 +202,32 @@ def test_the_confirmation_table_states_paired_differences_with_their_interval():
     assert "## The EMA adapter" not in text  # no arm's EMA moved (tau 0)
 
 
+def test_the_tables_name_every_machine_the_cells_ran_on():
+    config = Config(tau=0.0, steps=32).to_dict()
+    base = {
+        "arm": "base",
+        "seed": None,
+        "config": config,
+        "signature": {"heldout_part": "reported"},
+        "greedy": {"pass@1": 0.1, "problems": 101},
+        "passk": {"pass@1": 0.1},
+        "device": "CPU (A)",
+    }
+    runs = [
+        {
+            **cell("popo", 2e-4, s, 0.5, about="popo"),
+            "passk": {"pass@1": 0.5},
+            "config": config,
+            "device": device,
+        }
+        for s, device in enumerate(("CPU (A)", "CPU (B)", "CPU (B)"))
+    ]
+    text = confirm_markdown({"mode": "confirm", "runs": [base, *runs]})
+    assert "devices CPU (A) (2 cells); CPU (B) (2 cells)." in text  # the base is a cell too
+    one = confirm_markdown({"mode": "confirm", "runs": [base, {**runs[0]}]})
+    assert "device CPU (A)." in one and "cells)" not in one
+
+
 def test_the_sweep_table_renders_before_any_cell_with_the_rule():
     text = sweep_markdown({"mode": "sweep", "runs": []})
     assert "Ties (equal means) go to the smaller rate" in text
