@@ -64,7 +64,7 @@ def _devices(results: dict) -> str:
         counts[r.get("device", "?")] = counts.get(r.get("device", "?"), 0) + 1
     if len(counts) == 1:
         return f"device {next(iter(counts))}"
-    return "devices " + "; ".join(f"{name} ({n} cells)" for name, n in counts.items())
+    return "devices " + "; ".join(f"{name} ({n} cell{'s' if n > 1 else ''})" for name, n in counts.items())
 
 
 def _settings(results: dict) -> list[str]:
