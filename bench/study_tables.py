@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from collections import Counter
 from datetime import date
 from pathlib import Path
 
@@ -59,9 +60,7 @@ def _trained(results: dict, arm: str, rate: float | None = None) -> list[dict]:
 
 def _devices(results: dict) -> str:
     """Every machine the cells ran on, with how many cells each: a study can span sessions."""
-    counts: dict[str, int] = {}
-    for r in results["runs"]:
-        counts[r.get("device", "?")] = counts.get(r.get("device", "?"), 0) + 1
+    counts = Counter(r.get("device", "?") for r in results["runs"])
     if len(counts) == 1:
         return f"device {next(iter(counts))}"
     return "devices " + "; ".join(f"{name} ({n} cell{'s' if n > 1 else ''})" for name, n in counts.items())

@@ -224,7 +224,7 @@ def test_the_tables_name_every_machine_the_cells_ran_on():
     ]
     text = confirm_markdown({"mode": "confirm", "runs": [base, *runs]})
     assert "devices CPU (A) (2 cells); CPU (B) (2 cells); CPU (C) (1 cell)." in text  # the base is a cell too
-    one = confirm_markdown({"mode": "confirm", "runs": [base, {**runs[0]}]})
+    one = confirm_markdown({"mode": "confirm", "runs": [base, runs[0]]})
     assert "device CPU (A)." in one and "cells)" not in one
 
 
