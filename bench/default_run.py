@@ -4,6 +4,7 @@
     python bench/default_run.py                       # seeds 0 1 2, both modes, interleaved
     python bench/default_run.py --seeds 3 --modes qlora
     python bench/default_run.py --seeds 0 --modes fp32 fp32-per-rollout --output bench/results/default_speed
+    python bench/default_run.py --modes fp32-lr4e-4 qlora-lr4e-4 --output bench/results/default_lr
 
 Each run is the real command line in a subprocess (only --seed, --run_name and --output_dir added), so
 its wall time is what a user waits, model load included. Resumable: a (mode, seed) already in the JSON
@@ -43,6 +44,9 @@ MODES = {
     "qlora": ["--qlora"],
     "fp32-per-rollout": PER_ROLLOUT,  # for the speed comparison: --modes fp32 fp32-per-rollout
     "qlora-per-rollout": ["--qlora", *PER_ROLLOUT],
+    # the fair study's rate for POPO (bench/results/sweep.md), against the default's 2e-4:
+    "fp32-lr4e-4": ["--learning_rate", "4e-4"],  # --modes fp32 fp32-lr4e-4 qlora qlora-lr4e-4
+    "qlora-lr4e-4": ["--qlora", "--learning_rate", "4e-4"],
 }
 DEFAULT_MODES = ["fp32", "qlora"]
 
@@ -85,6 +89,14 @@ def render(results: dict) -> str:
         "# The default run, measured",
         "",
         f"`{results['command']}` on {results['machine']}, {results['date']}.",
+        "",
+        "Options per mode: "
+        + "; ".join(
+            f"{mode} `{' '.join(MODES[mode]) or '(none)'}`"
+            for mode in MODES
+            if any(run["mode"] == mode for run in runs)
+        )
+        + ".",
         "",
         "| mode | seed | train reward by step | held-out before -> after | wall time |",
         "| --- | --- | --- | --- | --- |",
@@ -137,7 +149,7 @@ def main() -> None:
     path = output.with_suffix(".json")
     results = json.loads(path.read_text()) if path.is_file() else {"runs": []}
     results.update(
-        command="python -m popo_lite.train [--qlora] --seed S",
+        command="python -m popo_lite.train OPTIONS --seed S",
         machine=f"{platform.machine()} ({cpu_name()}), {os.cpu_count()} CPU cores, no GPU",
         date=str(date.today()),
     )
