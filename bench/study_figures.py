@@ -4,6 +4,8 @@
   seed a dot, the mean a line, the chosen rate a star, the base a dashed line;
 - PREFIX-differences.png (confirm): the paired per-seed differences POPO - GRPO and POPO - PSR, each
   seed a dot, the mean with its 95 % t interval as a bar, per metric (greedy pass@1, pass@k);
+- PREFIX-ablations.png (confirm): the same for each ablation minus POPO, and PSR (all of POPO's
+  additions off) minus POPO as the gap the single terms can explain;
 - confirm also gets the study's curves, pass@k and entropy figures (study_results.render_figures).
 
 Every figure returns as (what it shows, path) for the Markdown to link.
@@ -14,7 +16,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from bench.study_arms import rate_name
+from bench.study_arms import ABLATIONS, rate_name
 from bench.study_results import render_figures
 from bench.study_selection import by_seed, chosen_rates, paired_difference, sweep_grid
 
@@ -91,22 +93,31 @@ def sweep_figure(results: dict, prefix: Path) -> list[tuple[str, Path]]:
     return [("validation greedy pass@1 against the learning rate", _save(plt, fig, prefix, "rates"))]
 
 
-def differences_figure(results: dict, metrics: list, prefix: Path) -> list[tuple[str, Path]]:
-    """POPO minus GRPO and minus PSR per seed, per metric, with the mean's 95 % t interval."""
-    by_arm = {arm: [r for r in results["runs"] if r["arm"] == arm] for arm in METHODS}
-    pairs = [other for other in ("grpo", "psr") if by_arm[other] and by_arm["popo"]]
+def differences_figure(
+    results: dict, metrics: list, prefix: Path, pairs: list[tuple[str, str]], name: str, shows: str
+) -> list[tuple[str, Path]]:
+    """first minus second per seed for each (first, second) of `pairs` that has runs, per metric, with
+    the mean's 95 % t interval; each seed a dot in the colour of the pair."""
+    runs = {arm: [r for r in results["runs"] if r["arm"] == arm] for pair in pairs for arm in pair}
+    pairs = [(first, second) for first, second in pairs if runs[first] and runs[second]]
     if not pairs:
         return []
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 4), squeeze=False)
-    for ax, (name, value) in zip(axes[0], metrics, strict=True):
-        popo = by_seed(by_arm["popo"], value)
-        for place, other in enumerate(pairs):
-            theirs = by_seed(by_arm[other], value)
-            seeds = sorted(set(popo) & set(theirs))
-            dots = [100 * (popo[s] - theirs[s]) for s in seeds]
-            ax.scatter([place] * len(dots), dots, color=COLORS[other], alpha=0.6, s=16)
-            difference = paired_difference(popo, theirs)
+    colours = plt.get_cmap("tab10").colors
+    columns = len(metrics) if len(pairs) <= 2 else 2  # many pairs: two panels a row
+    rows = -(-len(metrics) // columns)
+    width = max(3.4, 0.9 * len(pairs) + 1.6)
+    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(metrics) :]:
+        ax.set_visible(False)
+    for index, (metric, value) in enumerate(metrics):
+        ax = axes.flat[index]
+        for place, (first, second) in enumerate(pairs):
+            ours, theirs = by_seed(runs[first], value), by_seed(runs[second], value)
+            dots = [100 * (ours[s] - theirs[s]) for s in sorted(set(ours) & set(theirs))]
+            colour = COLORS.get(second if first == "popo" else first, colours[(place + 3) % len(colours)])
+            ax.scatter([place] * len(dots), dots, color=colour, alpha=0.6, s=16)
+            difference = paired_difference(ours, theirs)
             if difference is not None:
                 mean = 100 * difference["mean"]
                 low, high = 100 * difference["low"], 100 * difference["high"]
@@ -120,16 +131,40 @@ def differences_figure(results: dict, metrics: list, prefix: Path) -> list[tuple
                     markersize=5,
                 )
         ax.axhline(0, color="gray", linewidth=1)
-        ax.set_xticks(range(len(pairs)), [f"popo - {other}" for other in pairs])
+        labels = [
+            f"{first}\n- {second}" if len(pairs) > 2 else f"{first} - {second}" for first, second in pairs
+        ]
+        ax.set_xticks(range(len(pairs)), labels, fontsize=8 if len(pairs) > 2 else None)
         ax.set_xlim(-0.5, len(pairs) - 0.5)
-        ax.set(title=name, ylabel="points" if ax is axes[0][0] else None)
+        ax.set(title=metric, ylabel="points" if index % columns == 0 else None)
         ax.grid(alpha=0.3, axis="y")
-    fig.suptitle("Paired differences: dots are seeds; squares the mean with its 95 % t interval", fontsize=9)
-    return [("the paired differences per seed", _save(plt, fig, prefix, "differences"))]
+    fig.suptitle(
+        f"{shows[0].upper()}{shows[1:]}: dots are seeds; squares the mean with its 95 % t interval",
+        fontsize=9,
+    )
+    return [(shows, _save(plt, fig, prefix, name))]
 
 
 def confirm_figures(results: dict, metrics: list, prefix: Path, arms: list[str]) -> list[tuple[str, Path]]:
     """The paired differences, then the curves, pass@k and entropy of every arm measured."""
     present = [arm for arm in arms if any(r["arm"] == arm for r in results["runs"])]
     order = [arm for arm in arms if arm != "base"]  # tab10 in this order: the colours of COLORS
-    return differences_figure(results, metrics, prefix) + render_figures(results, present, prefix, order)
+    main = differences_figure(
+        results,
+        metrics,
+        prefix,
+        [("popo", "grpo"), ("popo", "psr")],
+        "differences",
+        "the paired differences per seed",
+    )
+    ablations = []
+    if any(r["arm"] in ABLATIONS for r in results["runs"]):
+        ablations = differences_figure(
+            results,
+            metrics,
+            prefix,
+            [*((arm, "popo") for arm in ABLATIONS), ("psr", "popo")],
+            "ablations",
+            "each ablation minus POPO per seed, and PSR (every term off) minus POPO",
+        )
+    return main + ablations + render_figures(results, present, prefix, order)

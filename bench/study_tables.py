@@ -306,30 +306,40 @@ def _ema_lines(results: dict, arms: list[str], ks: list[int]) -> list[str]:
 
 
 def _ablation_lines(results: dict, metrics: list, popo_rate: float | None) -> list[str]:
+    """Each ablation's values, then each minus POPO, paired by seed, on every metric."""
     ablations = {arm: _trained(results, arm) for arm in ABLATIONS if _trained(results, arm)}
     if not ablations:
         return []
     reference = _trained(results, "popo", popo_rate)
+    names = " | ".join(name for name, _ in metrics)
     lines = [
         "",
         "## Ablations at POPO's rate",
         "",
         f"Each arm changes one term of POPO at POPO's chosen rate "
-        f"({rate_name(popo_rate) if popo_rate else '?'}); "
-        "paired differences are arm minus POPO over the seeds both have, mean [95 % t interval].",
+        f"({rate_name(popo_rate) if popo_rate else '?'}); mean ± std over seeds.",
         "",
-        "| arm | seeds | "
-        + " | ".join(name for name, _ in metrics)
-        + " | - popo, greedy pass@1 | - popo, "
-        + metrics[-1][0]
-        + " |",
-        "| --- | ---: |" + " ---: |" * (len(metrics) + 2),
+        f"| arm | seeds | {names} |",
+        "| --- | ---: |" + " ---: |" * len(metrics),
     ]
     for arm, runs in ablations.items():
         cells = [_percent([value(r) for r in runs]) for _, value in metrics]
-        for _, value in (metrics[0], metrics[-1]):
-            cells.append(_interval(paired_difference(by_seed(runs, value), by_seed(reference, value))))
         lines.append(f"| {arm} ({runs[0]['about']}) | {len(runs)} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Paired per seed, the arm minus POPO over the seeds both have; mean [95 % t interval], in points. "
+        "The last row, PSR (POPO with all of its additions off), is the gap the single terms can explain.",
+        "",
+        f"| arm - popo | seeds | {names} |",
+        "| --- | ---: |" + " ---: |" * len(metrics),
+    ]
+    psr = _trained(results, "psr")  # POPO with every term off
+    for arm, runs in [*ablations.items(), *([("psr", psr)] if psr else [])]:
+        differences = [
+            paired_difference(by_seed(runs, value), by_seed(reference, value)) for _, value in metrics
+        ]
+        n = len({r["seed"] for r in runs} & {r["seed"] for r in reference})
+        lines.append(f"| {arm} - popo | {n} | " + " | ".join(_interval(d) for d in differences) + " |")
     return lines
 
 

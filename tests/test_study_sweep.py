@@ -198,7 +198,10 @@ def test_the_confirmation_table_states_paired_differences_with_their_interval():
     # popo - grpo greedy: differences 0.1, 0.2, 0.3 -> +20.0 [-4.8, +44.8]; pass@64 equal: 0 width
     assert "| popo - grpo | 3 | +20.0 [-4.8, +44.8] | +20.0 [-4.8, +44.8] | +0.0 [+0.0, +0.0] |" in text
     # no-ema - popo over seeds 0, 1: -0.2, -0.3 -> mean -25.0, half 12.706 * 0.0707 / 1.414 = 63.5
-    assert "| no-ema (no-ema) | 2 | 30.0 ± 0.0 |" in text and "-25.0 [-88.5, +38.5]" in text
+    assert "| no-ema (no-ema) | 2 | 30.0 ± 0.0 |" in text
+    assert "| no-ema - popo | 2 | -25.0 [-88.5, +38.5] | -25.0 [-88.5, +38.5] |" in text
+    # psr - popo, every term off, over 3 seeds: 0, -0.1, -0.2 -> -10.0, half 4.303 * 0.1 / 1.732 = 24.8
+    assert "| psr - popo | 3 | -10.0 [-34.8, +14.8] |" in text
     assert "## The EMA adapter" not in text  # no arm's EMA moved (tau 0)
 
 
@@ -250,7 +253,11 @@ def test_the_tables_link_their_figures_drawn_beside_them(tmp_path):
     confirm = write_tables(tmp_path / "confirm", {"mode": "confirm", "runs": runs})
     assert "![the paired differences per seed](confirm-differences.png)" in confirm
     assert "![pass@k against k](confirm-passk.png)" in confirm
-    for name in ("sweep-rates.png", "confirm-differences.png", "confirm-passk.png"):
+    assert "confirm-ablations.png" not in confirm  # no ablation measured: no ablation figure
+    ablation = [{**r, "arm": "no-ema"} for r in runs if r["arm"] == "popo"]
+    confirm = write_tables(tmp_path / "confirm", {"mode": "confirm", "runs": [*runs, *ablation]})
+    assert "(confirm-ablations.png)" in confirm
+    for name in ("sweep-rates.png", "confirm-differences.png", "confirm-passk.png", "confirm-ablations.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
