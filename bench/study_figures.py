@@ -2,8 +2,8 @@
 
 - PREFIX-rates.png (sweep): validation greedy pass@1 against the learning rate, per method; each
   seed a dot, the mean a line, the chosen rate a star, the base a dashed line;
-- PREFIX-differences.png (confirm): the paired per-seed differences POPO - GRPO and POPO - PSR, each
-  seed a dot, the mean with its 95 % t interval as a bar, per metric (greedy pass@1, pass@k);
+- PREFIX-differences.png (confirm): the paired per-seed differences POPO - GRPO, POPO - PSR and
+  PSR - GRPO, each seed a dot, the mean with its 95 % t interval as a bar, per metric (greedy pass@1, pass@k);
 - PREFIX-ablations.png (confirm): the same for each ablation minus POPO, and PSR (all of POPO's
   additions off) minus POPO as the gap the single terms can explain;
 - confirm also gets the study's curves, pass@k and entropy figures (study_results.render_figures).
@@ -22,6 +22,7 @@ from bench.study_selection import by_seed, chosen_rates, paired_difference, swee
 
 METHODS = ("grpo", "popo", "psr")
 COLORS = {"grpo": "tab:blue", "popo": "tab:orange", "psr": "tab:green"}  # tab10's first three
+PAIRS = (("popo", "grpo"), ("popo", "psr"), ("psr", "grpo"))  # the confirmation's paired differences
 
 
 def _pyplot():
@@ -104,7 +105,7 @@ def differences_figure(
         return []
     plt = _pyplot()
     colours = plt.get_cmap("tab10").colors
-    columns = len(metrics) if len(pairs) <= 2 else 2  # many pairs: two panels a row
+    columns = len(metrics) if len(pairs) <= 3 else 2  # many pairs: two panels a row
     rows = -(-len(metrics) // columns)
     width = max(3.4, 0.9 * len(pairs) + 1.6)
     fig, axes = plt.subplots(rows, columns, figsize=(width * columns, 4 * rows), squeeze=False)
@@ -115,7 +116,7 @@ def differences_figure(
         for place, (first, second) in enumerate(pairs):
             ours, theirs = by_seed(runs[first], value), by_seed(runs[second], value)
             dots = [100 * (ours[s] - theirs[s]) for s in sorted(set(ours) & set(theirs))]
-            colour = COLORS.get(second if first == "popo" else first, colours[(place + 3) % len(colours)])
+            colour = COLORS[second] if first == "popo" else colours[(place + 3) % len(colours)]
             ax.scatter([place] * len(dots), dots, color=colour, alpha=0.6, s=16)
             difference = paired_difference(ours, theirs)
             if difference is not None:
@@ -132,9 +133,9 @@ def differences_figure(
                 )
         ax.axhline(0, color="gray", linewidth=1)
         labels = [
-            f"{first}\n- {second}" if len(pairs) > 2 else f"{first} - {second}" for first, second in pairs
+            f"{first}\n- {second}" if len(pairs) > 3 else f"{first} - {second}" for first, second in pairs
         ]
-        ax.set_xticks(range(len(pairs)), labels, fontsize=8 if len(pairs) > 2 else None)
+        ax.set_xticks(range(len(pairs)), labels, fontsize=8 if len(pairs) > 3 else None)
         ax.set_xlim(-0.5, len(pairs) - 0.5)
         ax.set(title=metric, ylabel="points" if index % columns == 0 else None)
         ax.grid(alpha=0.3, axis="y")
@@ -153,7 +154,7 @@ def confirm_figures(results: dict, metrics: list, prefix: Path, arms: list[str])
         results,
         metrics,
         prefix,
-        [("popo", "grpo"), ("popo", "psr")],
+        list(PAIRS),
         "differences",
         "the paired differences per seed",
     )

@@ -22,7 +22,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.study_arms import ABLATIONS, MODES, SWEEP_RATES, ema_moved, rate_name  # noqa: E402
-from bench.study_figures import METHODS, confirm_figures, sweep_figure  # noqa: E402
+from bench.study_figures import METHODS, PAIRS, confirm_figures, sweep_figure  # noqa: E402
 from bench.study_results import load_results, with_suffix  # noqa: E402
 from bench.study_selection import (  # noqa: E402
     SELECTION_RULE,
@@ -245,19 +245,20 @@ def confirm_markdown(results: dict) -> str:
         "",
         "## Paired per-seed differences",
         "",
-        "Per seed, POPO minus the other method (the same seed's arms share step-1 rollouts and evaluation "
-        "samples); mean [95 % t interval over seeds], in points.",
+        "Per seed, one method minus another (the same seed's arms share step-1 rollouts and evaluation "
+        "samples); mean [95 % t interval over seeds], in points. PSR - GRPO compares the two methods "
+        "POPO is measured against.",
         "",
         "| difference | seeds | " + " | ".join(name for name, _ in metrics) + " |",
         "| --- | ---: |" + " ---: |" * len(metrics),
     ]
-    for other in ("grpo", "psr"):
+    for first, second in PAIRS:
         differences = [
-            paired_difference(by_seed(main["popo"], value), by_seed(main[other], value))
+            paired_difference(by_seed(main[first], value), by_seed(main[second], value))
             for _, value in metrics
         ]
         n = next((d["n"] for d in differences if d), 0)
-        lines.append(f"| popo - {other} | {n} | " + " | ".join(_interval(d) for d in differences) + " |")
+        lines.append(f"| {first} - {second} | {n} | " + " | ".join(_interval(d) for d in differences) + " |")
     lines += _ema_lines(results, [*METHODS, *ABLATIONS], ks)
     lines += _ablation_lines(results, metrics, popo_rate)
     lines += ["", "## Cells", ""]

@@ -197,6 +197,7 @@ def test_the_confirmation_table_states_paired_differences_with_their_interval():
     assert "| popo | +50.0 |" in text.split("## Against the base")[1]  # 0.6 - 0.1
     # popo - grpo greedy: differences 0.1, 0.2, 0.3 -> +20.0 [-4.8, +44.8]; pass@64 equal: 0 width
     assert "| popo - grpo | 3 | +20.0 [-4.8, +44.8] | +20.0 [-4.8, +44.8] | +0.0 [+0.0, +0.0] |" in text
+    assert "| psr - grpo | 3 | +10.0 [+10.0, +10.0] |" in text  # 0.5 - 0.4 in every seed
     # no-ema - popo over seeds 0, 1: -0.2, -0.3 -> mean -25.0, half 12.706 * 0.0707 / 1.414 = 63.5
     assert "| no-ema (no-ema) | 2 | 30.0 ± 0.0 |" in text
     assert "| no-ema - popo | 2 | -25.0 [-88.5, +38.5] | -25.0 [-88.5, +38.5] |" in text
