@@ -254,7 +254,11 @@ class Config:
 
     # --- optimisation ------------------------------------------------------------------------------
     steps: int = _f(6, "Optimizer steps (one generation batch each: on-policy).")
-    learning_rate: float = _f(2e-4, "AdamW learning rate of the LoRA adapter and the predictor.")
+    learning_rate: float = _f(
+        4e-4,
+        "AdamW learning rate of the LoRA adapter and the predictor. 4e-4 is POPO's best LoRA rate on the "
+        "embedded model (bench/results/sweep.md); GRPO's and plain positive-only training's there is 2e-4.",
+    )
     weight_decay: float = _f(0.01, "AdamW weight decay.")
     max_grad_norm: float = _f(
         1.0, "Clip the policy adapter's gradient norm to this (the predictor is not clipped)."

@@ -145,3 +145,10 @@ def test_cli_refuses_a_slot_another_run_holds(tiny_cli_args, tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_the_default_recipe_writes_out_the_config_defaults():
+    """configs/default.yaml says `python -m popo_lite.train` with no option runs the same: every key,
+    the learning rate the fair study chose for POPO included."""
+    assert load_config(ROOT / "configs" / "default.yaml").to_dict() == Config().to_dict()
+    assert Config().learning_rate == 4e-4
