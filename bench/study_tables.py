@@ -326,15 +326,17 @@ def _ablation_lines(results: dict, metrics: list, popo_rate: float | None) -> li
     for arm, runs in ablations.items():
         cells = [_percent([value(r) for r in runs]) for _, value in metrics]
         lines.append(f"| {arm} ({runs[0]['about']}) | {len(runs)} | " + " | ".join(cells) + " |")
+    psr = _trained(results, "psr")  # POPO with every term off
+    psr_rate = f", at its own rate {rate_name(psr[0]['learning_rate'])}" if psr else ""
     lines += [
         "",
         "Paired per seed, the arm minus POPO over the seeds both have; mean [95 % t interval], in points. "
-        "The last row, PSR (POPO with all of its additions off), is the gap the single terms can explain.",
+        f"The last row, PSR (POPO with all of its additions off{psr_rate}), is the gap the single terms "
+        "can explain.",
         "",
         f"| arm - popo | seeds | {names} |",
         "| --- | ---: |" + " ---: |" * len(metrics),
     ]
-    psr = _trained(results, "psr")  # POPO with every term off
     for arm, runs in [*ablations.items(), *([("psr", psr)] if psr else [])]:
         differences = [
             paired_difference(by_seed(runs, value), by_seed(reference, value)) for _, value in metrics
