@@ -71,9 +71,22 @@ ARMS: dict[str, Arm] = {
     "nll-step": Arm(
         "trainer", "POPO, NLL over the step's positive tokens", recipe="configs/ablations/nll-step.yaml"
     ),
+    # PSR's objective at POPO's rate: PSR - all-off is the rate's share of PSR - POPO, all-off - POPO
+    # the terms' share
+    "all-off": Arm(
+        "trainer", "POPO, every addition off (PSR's objective)", recipe="configs/ablations/positive-only.yaml"
+    ),
     "trl-grpo": Arm("trl", "TRL's GRPOTrainer", {"algo": "grpo"}),
 }
-ABLATIONS = ("no-similarity", "no-ema", "no-entropy", "weights-uniform", "weights-sequence", "nll-step")
+ABLATIONS = (
+    "no-similarity",
+    "no-ema",
+    "no-entropy",
+    "weights-uniform",
+    "weights-sequence",
+    "nll-step",
+    "all-off",
+)
 GROUPS = {
     "main": ("base", "grpo", "popo", "psr"),
     "ablations": ABLATIONS,
