@@ -4,8 +4,9 @@
   seed a dot, the mean a line, the chosen rate a star, the base a dashed line;
 - PREFIX-differences.png (confirm): the paired per-seed differences POPO - GRPO, POPO - PSR and
   PSR - GRPO, each seed a dot, the mean with its 95 % t interval as a bar, per metric (greedy pass@1, pass@k);
-- PREFIX-ablations.png (confirm): the same for each ablation minus POPO, and PSR (all of POPO's
-  additions off) minus POPO as the gap the single terms can explain;
+- PREFIX-ablations.png (confirm): the same for each ablation minus POPO, PSR (all of POPO's
+  additions off, at its own rate) minus POPO as the gap the terms can explain, and PSR minus all-off
+  (PSR's objective at POPO's rate) as the rate's share of it;
 - confirm also gets the study's curves, pass@k and entropy figures (study_results.render_figures).
 
 Every figure returns as (what it shows, path) for the Markdown to link.
@@ -164,8 +165,9 @@ def confirm_figures(results: dict, metrics: list, prefix: Path, arms: list[str])
             results,
             metrics,
             prefix,
-            [*((arm, "popo") for arm in ABLATIONS), ("psr", "popo")],
+            [*((arm, "popo") for arm in ABLATIONS), ("psr", "popo"), ("psr", "all-off")],
             "ablations",
-            "each ablation minus POPO per seed, and PSR (every term off) minus POPO",
+            "each ablation minus POPO per seed, PSR (every term off, its own rate) minus POPO, and PSR "
+            "minus all-off (the same objective at POPO's rate)",
         )
     return main + ablations + render_figures(results, present, prefix, order)

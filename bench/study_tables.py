@@ -326,23 +326,28 @@ def _ablation_lines(results: dict, metrics: list, popo_rate: float | None) -> li
     for arm, runs in ablations.items():
         cells = [_percent([value(r) for r in runs]) for _, value in metrics]
         lines.append(f"| {arm} ({runs[0]['about']}) | {len(runs)} | " + " | ".join(cells) + " |")
-    psr = _trained(results, "psr")  # POPO with every term off
+    psr = _trained(results, "psr")  # POPO with every term off, at PSR's own rate
     psr_rate = f", at its own rate {rate_name(psr[0]['learning_rate'])}" if psr else ""
+    pairs = [(arm, runs, "popo", reference) for arm, runs in ablations.items()]
+    pairs += [("psr", psr, "popo", reference)] if psr else []
+    if psr and "all-off" in ablations:  # one objective at two rates: the rate's share of psr - popo
+        pairs.append(("psr", psr, "all-off", ablations["all-off"]))
     lines += [
         "",
-        "Paired per seed, the arm minus POPO over the seeds both have; mean [95 % t interval], in points. "
-        f"The last row, PSR (POPO with all of its additions off{psr_rate}), is the gap the single terms "
-        "can explain.",
+        "Paired per seed, the first arm minus the second over the seeds both have; mean [95 % t interval], "
+        f"in points. PSR - POPO (PSR is POPO with all of its additions off{psr_rate}) is the gap the terms "
+        "can explain; all-off is PSR's objective at POPO's rate, so all-off - POPO is the terms' share of "
+        "that gap and PSR - all-off the rate's.",
         "",
-        f"| arm - popo | seeds | {names} |",
+        f"| difference | seeds | {names} |",
         "| --- | ---: |" + " ---: |" * len(metrics),
     ]
-    for arm, runs in [*ablations.items(), *([("psr", psr)] if psr else [])]:
+    for first, runs, second, theirs in pairs:
         differences = [
-            paired_difference(by_seed(runs, value), by_seed(reference, value)) for _, value in metrics
+            paired_difference(by_seed(runs, value), by_seed(theirs, value)) for _, value in metrics
         ]
-        n = len({r["seed"] for r in runs} & {r["seed"] for r in reference})
-        lines.append(f"| {arm} - popo | {n} | " + " | ".join(_interval(d) for d in differences) + " |")
+        n = len({r["seed"] for r in runs} & {r["seed"] for r in theirs})
+        lines.append(f"| {first} - {second} | {n} | " + " | ".join(_interval(d) for d in differences) + " |")
     return lines
 
 

@@ -190,6 +190,7 @@ def test_the_confirmation_table_states_paired_differences_with_their_interval():
             *(run("psr", s, 0.5, 0.8) for s in range(3)),
             run("no-ema", 0, 0.3, 0.8),
             run("no-ema", 1, 0.3, 0.8),
+            *(run("all-off", s, 0.45, 0.8, rate=4e-4) for s in range(2)),  # PSR's objective, POPO's rate
         ],
     }  # fmt: skip
     text = confirm_markdown(results)
@@ -203,6 +204,10 @@ def test_the_confirmation_table_states_paired_differences_with_their_interval():
     assert "| no-ema - popo | 2 | -25.0 [-88.5, +38.5] | -25.0 [-88.5, +38.5] |" in text
     # psr - popo, every term off, over 3 seeds: 0, -0.1, -0.2 -> -10.0, half 4.303 * 0.1 / 1.732 = 24.8
     assert "| psr - popo | 3 | -10.0 [-34.8, +14.8] |" in text
+    # all-off - popo, seeds 0, 1: -0.05, -0.15 -> -10.0 [-73.5, +53.5]; psr - all-off: the rate, +0.05 twice
+    assert "| all-off - popo | 2 | -10.0 [-73.5, +53.5] |" in text
+    assert "| psr - all-off | 2 | +5.0 [+5.0, +5.0] |" in text
+    assert text.index("| psr - popo |") < text.index("| psr - all-off |")
     assert "## The EMA adapter" not in text  # no arm's EMA moved (tau 0)
 
 
