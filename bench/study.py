@@ -17,12 +17,13 @@ Arms, identical except for the objective (same model, LoRA, learning rate, rollo
 seeds): `base` (no training), `grpo`, `popo` (defaults), `psr` (plain positive-only, PSR/RAFT-style:
 configs/ablations/positive-only.yaml), the POPO ablations `no-similarity`, `no-ema`, `no-entropy`,
 `weights-uniform`, `weights-sequence`, `nll-step`, `all-off` (PSR's objective, run at POPO's rate in the
-ablations mode; configs/ablations/*.yaml), and `trl-grpo`: TRL's own GRPOTrainer on the same task,
-model, LoRA, prompts and budget (num_generations = rollouts_per_prompt, prompts_per_step prompts per
-optimizer step, max_completion_length = max_new_tokens, the same temperature, learning rate, steps, KL
-beta = grpo_beta, clip epsilon, loss_type "grpo" = popo_lite's sequence normalisation, reward =
-popo_lite.core.rewards.score, the same initial LoRA adapter; TRL draws the prompts with its own
-sampler, so in another order), evaluated by the same code.
+ablations mode; configs/ablations/*.yaml), `psr-rate` (POPO's objective at PSR's rate), and `trl-grpo`:
+TRL's own GRPOTrainer on the same task, model, LoRA, prompts and budget (num_generations =
+rollouts_per_prompt, prompts_per_step prompts per optimizer step, max_completion_length =
+max_new_tokens, the same temperature, learning rate, steps, KL beta = grpo_beta, clip epsilon, loss_type
+"grpo" = popo_lite's sequence normalisation, reward = popo_lite.core.rewards.score, the same initial
+LoRA adapter; TRL draws the prompts with its own sampler, so in another order), evaluated by the same
+code.
 `--arms main` = base grpo popo psr, `ablations`, `all`.
 
 Measured per run: held-out greedy pass@1 at step 0, every `--eval_every` steps and at the end (step 0
@@ -82,8 +83,9 @@ JSON as soon as it finishes; two lanes with disjoint cells can share one JSON):
   pass@k. The rate is picked by bench/study_selection.py's SELECTION_RULE.
 - confirm: each method at its chosen rate (read from --sweep_results), seeds 0-4, 32 steps, greedy
   pass@1 and pass@k (k up to 64) on the REPORTED half only, which the sweep never evaluates.
-- ablations: the POPO ablations, `nll-step` and `all-off` (PSR's objective) at POPO's chosen rate,
-  seeds 0-2, into confirm's JSON
+- ablations: the POPO ablations, `nll-step` and `all-off` (PSR's objective) at POPO's chosen rate, and
+  `psr-rate` (POPO at PSR's chosen rate: with all-off, both objectives at both rates), seeds 0-2, into
+  confirm's JSON
   (its POPO seeds are the reference, run here too where confirm has not yet; the settings must match,
   which the signature check enforces).
 In these modes POPO's tau is 0.5 ** (2 / steps) (the EMA's half-life is half the run), the EMA adapter
@@ -312,15 +314,16 @@ def build_study(args: argparse.Namespace) -> Study:
 
 def cell_rates(args: argparse.Namespace, arms: list[str]) -> dict[str, list[float | None]]:
     """The learning rates each arm runs at: the study's one (None: the config's), the sweep's grid, or
-    the sweep's chosen rate (POPO's for every ablation)."""
+    the sweep's chosen rate (POPO's for every ablation but psr-rate, which takes PSR's)."""
     if args.mode == "study":
         return {arm: [None] for arm in arms}
     if args.mode == "sweep":
         return {arm: list(args.rates or SWEEP_RATES) for arm in arms}
     sweep = load_results(Path(args.sweep_results))
     rates, seeds = sweep_grid(sweep)
-    chosen = chosen_rates(sweep["runs"], ["grpo", "popo", "psr"], rates, seeds)
-    wanted = {arm: (arm if args.mode == "confirm" else "popo") for arm in arms}
+    methods = ["grpo", "popo", "psr"]
+    chosen = chosen_rates(sweep["runs"], methods, rates, seeds)
+    wanted = {arm: (arm if args.mode == "confirm" and arm in methods else ARMS[arm].rate_of) for arm in arms}
     missing = sorted({source for source in wanted.values() if chosen.get(source) is None})
     if missing:
         raise StudyError(

@@ -49,6 +49,7 @@ class Arm:
     about: str
     overrides: dict = field(default_factory=dict)  # config keys on top of the study's
     recipe: str | None = None  # a configs/ablations/*.yaml applied on top of the study's config
+    rate_of: str = "popo"  # confirm and ablations: the method whose chosen rate an ablation runs at
 
 
 ARMS: dict[str, Arm] = {
@@ -76,6 +77,9 @@ ARMS: dict[str, Arm] = {
     "all-off": Arm(
         "trainer", "POPO, every addition off (PSR's objective)", recipe="configs/ablations/positive-only.yaml"
     ),
+    # POPO's objective at PSR's rate: PSR - psr-rate is the terms' share at PSR's rate, psr-rate - POPO
+    # the rate's; with all-off, both objectives at both rates
+    "psr-rate": Arm("trainer", "POPO at PSR's chosen rate", {"algo": "popo"}, rate_of="psr"),
     "trl-grpo": Arm("trl", "TRL's GRPOTrainer", {"algo": "grpo"}),
 }
 ABLATIONS = (
@@ -86,6 +90,7 @@ ABLATIONS = (
     "weights-sequence",
     "nll-step",
     "all-off",
+    "psr-rate",
 )
 GROUPS = {
     "main": ("base", "grpo", "popo", "psr"),

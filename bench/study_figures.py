@@ -6,7 +6,8 @@
   PSR - GRPO, each seed a dot, the mean with its 95 % t interval as a bar, per metric (greedy pass@1, pass@k);
 - PREFIX-ablations.png (confirm): the same for each ablation minus POPO, PSR (all of POPO's
   additions off, at its own rate) minus POPO as the gap the terms can explain, and PSR minus all-off
-  (PSR's objective at POPO's rate) as the rate's share of it;
+  (PSR's objective at POPO's rate) as the rate's share of it, and PSR minus psr-rate (POPO's objective
+  at PSR's rate) as the terms' share at PSR's rate;
 - confirm also gets the study's curves, pass@k and entropy figures (study_results.render_figures).
 
 Every figure returns as (what it shows, path) for the Markdown to link.
@@ -165,9 +166,10 @@ def confirm_figures(results: dict, metrics: list, prefix: Path, arms: list[str])
             results,
             metrics,
             prefix,
-            [*((arm, "popo") for arm in ABLATIONS), ("psr", "popo"), ("psr", "all-off")],
+            [*((arm, "popo") for arm in ABLATIONS), ("psr", "popo"), ("psr", "all-off"), ("psr", "psr-rate")],
             "ablations",
             "each ablation minus POPO per seed, PSR (every term off, its own rate) minus POPO, and PSR "
-            "minus all-off (the same objective at POPO's rate)",
+            "minus all-off (the same objective at POPO's rate) and minus psr-rate (POPO's objective at "
+            "PSR's rate)",
         )
     return main + ablations + render_figures(results, present, prefix, order)

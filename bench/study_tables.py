@@ -44,12 +44,15 @@ def _percent(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
 
 
+def _points(fraction: float) -> str:
+    """A difference in points, signed; a rounding residue of zero prints as +0.0, not -0.0."""
+    return f"{round(100 * fraction, 1) + 0.0:+.1f}"
+
+
 def _interval(difference: dict | None) -> str:
     if difference is None:
         return "-"
-    return (
-        f"{100 * difference['mean']:+.1f} [{100 * difference['low']:+.1f}, {100 * difference['high']:+.1f}]"
-    )
+    return f"{_points(difference['mean'])} [{_points(difference['low'])}, {_points(difference['high'])}]"
 
 
 def _trained(results: dict, arm: str, rate: float | None = None) -> list[dict]:
@@ -318,7 +321,8 @@ def _ablation_lines(results: dict, metrics: list, popo_rate: float | None) -> li
         "## Ablations at POPO's rate",
         "",
         f"Each arm changes one term of POPO at POPO's chosen rate "
-        f"({rate_name(popo_rate) if popo_rate else '?'}); mean ± std over seeds.",
+        f"({rate_name(popo_rate) if popo_rate else '?'}), except psr-rate, which changes the rate "
+        "to PSR's; mean ± std over seeds.",
         "",
         f"| arm | seeds | {names} |",
         "| --- | ---: |" + " ---: |" * len(metrics),
@@ -332,12 +336,15 @@ def _ablation_lines(results: dict, metrics: list, popo_rate: float | None) -> li
     pairs += [("psr", psr, "popo", reference)] if psr else []
     if psr and "all-off" in ablations:  # one objective at two rates: the rate's share of psr - popo
         pairs.append(("psr", psr, "all-off", ablations["all-off"]))
+    if psr and "psr-rate" in ablations:  # both objectives at PSR's rate: the terms' share there
+        pairs.append(("psr", psr, "psr-rate", ablations["psr-rate"]))
     lines += [
         "",
         "Paired per seed, the first arm minus the second over the seeds both have; mean [95 % t interval], "
         f"in points. PSR - POPO (PSR is POPO with all of its additions off{psr_rate}) is the gap the terms "
         "can explain; all-off is PSR's objective at POPO's rate, so all-off - POPO is the terms' share of "
-        "that gap and PSR - all-off the rate's.",
+        "that gap and PSR - all-off the rate's. psr-rate is POPO's objective at PSR's rate: PSR - psr-rate "
+        "is the terms' share at PSR's rate, psr-rate - POPO the rate's share for POPO's objective.",
         "",
         f"| difference | seeds | {names} |",
         "| --- | ---: |" + " ---: |" * len(metrics),

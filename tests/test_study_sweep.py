@@ -156,7 +156,9 @@ def test_confirm_refuses_without_a_complete_sweep_and_ablations_take_popos_rate(
 ):
     study = load_study()
     sweep = tmp_path / "sweep.json"
-    cells = [cell(arm, rate, seed, 0.1 * (arm == "popo") + rate) for arm in ("grpo", "popo", "psr")
+    # psr's best rate is 1e-4, grpo's and popo's 2e-4
+    score = {"grpo": lambda rate: rate, "popo": lambda rate: 0.1 + rate, "psr": lambda rate: 0.5 - rate}
+    cells = [cell(arm, rate, seed, score[arm](rate)) for arm in ("grpo", "popo", "psr")
              for rate in (1e-4, 2e-4) for seed in (0, 1)]  # fmt: skip
     sweep.write_text(json.dumps({"mode": "sweep", "runs": cells[:-1]}))
     options = [*tiny_options(tiny_model_dir, digit_problems, tmp_path), "--sweep_results", str(sweep)]
@@ -164,12 +166,14 @@ def test_confirm_refuses_without_a_complete_sweep_and_ablations_take_popos_rate(
     assert "no chosen rate for psr" in capsys.readouterr().err
     sweep.write_text(json.dumps({"mode": "sweep", "runs": cells}))
     args = study.parser().parse_args([*options, "--mode", "ablations"])
-    assert study.cell_rates(args, ["no-ema", "weights-uniform"]) == {
+    assert study.cell_rates(args, ["no-ema", "weights-uniform", "all-off", "psr-rate"]) == {
         "no-ema": [2e-4],
         "weights-uniform": [2e-4],
+        "all-off": [2e-4],  # PSR's objective at POPO's rate
+        "psr-rate": [1e-4],  # POPO's objective at PSR's rate
     }
     args = study.parser().parse_args([*options, "--mode", "confirm"])
-    assert study.cell_rates(args, ["grpo", "popo"]) == {"grpo": [2e-4], "popo": [2e-4]}
+    assert study.cell_rates(args, ["grpo", "popo", "psr"]) == {"grpo": [2e-4], "popo": [2e-4], "psr": [1e-4]}
 
 
 def test_the_confirmation_table_states_paired_differences_with_their_interval():
@@ -191,6 +195,7 @@ def test_the_confirmation_table_states_paired_differences_with_their_interval():
             run("no-ema", 0, 0.3, 0.8),
             run("no-ema", 1, 0.3, 0.8),
             *(run("all-off", s, 0.45, 0.8, rate=4e-4) for s in range(2)),  # PSR's objective, POPO's rate
+            *(run("psr-rate", s, 0.55 - 0.1 * s, 0.8) for s in range(2)),  # POPO's objective, PSR's rate
         ],
     }  # fmt: skip
     text = confirm_markdown(results)
@@ -208,6 +213,11 @@ def test_the_confirmation_table_states_paired_differences_with_their_interval():
     assert "| all-off - popo | 2 | -10.0 [-73.5, +53.5] |" in text
     assert "| psr - all-off | 2 | +5.0 [+5.0, +5.0] |" in text
     assert text.index("| psr - popo |") < text.index("| psr - all-off |")
+    # psr-rate - popo, seeds 0, 1: 0.55 - 0.5, 0.45 - 0.6 -> +0.05, -0.15: -5.0 [-132.1, +122.1]
+    assert "| psr-rate - popo | 2 | -5.0 [-132.1, +122.1] |" in text
+    # psr - psr-rate, seeds 0, 1: 0.5 - 0.55, 0.5 - 0.45 -> -0.05, +0.05: +0.0 [-63.5, +63.5]
+    assert "| psr - psr-rate | 2 | +0.0 [-63.5, +63.5] |" in text
+    assert "except psr-rate, which changes the rate" in text
     assert "## The EMA adapter" not in text  # no arm's EMA moved (tau 0)
 
 
