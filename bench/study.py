@@ -119,6 +119,7 @@ from bench.study_arms import (  # noqa: E402
     expand_arms,
     split_heldout,
 )
+from bench.study_figures import METHODS  # noqa: E402
 from bench.study_results import (  # noqa: E402
     add_grid,
     add_run,
@@ -321,9 +322,8 @@ def cell_rates(args: argparse.Namespace, arms: list[str]) -> dict[str, list[floa
         return {arm: list(args.rates or SWEEP_RATES) for arm in arms}
     sweep = load_results(Path(args.sweep_results))
     rates, seeds = sweep_grid(sweep)
-    methods = ["grpo", "popo", "psr"]
-    chosen = chosen_rates(sweep["runs"], methods, rates, seeds)
-    wanted = {arm: (arm if args.mode == "confirm" and arm in methods else ARMS[arm].rate_of) for arm in arms}
+    chosen = chosen_rates(sweep["runs"], list(METHODS), rates, seeds)
+    wanted = {arm: (arm if args.mode == "confirm" and arm in METHODS else ARMS[arm].rate_of) for arm in arms}
     missing = sorted({source for source in wanted.values() if chosen.get(source) is None})
     if missing:
         raise StudyError(

@@ -25,6 +25,13 @@ from bench.study_selection import by_seed, chosen_rates, paired_difference, swee
 METHODS = ("grpo", "popo", "psr")
 COLORS = {"grpo": "tab:blue", "popo": "tab:orange", "psr": "tab:green"}  # tab10's first three
 PAIRS = (("popo", "grpo"), ("popo", "psr"), ("psr", "grpo"))  # the confirmation's paired differences
+# the ablations' paired differences: each ablation minus POPO, then PSR minus POPO, all-off and psr-rate
+ABLATION_PAIRS = (
+    *((arm, "popo") for arm in ABLATIONS),
+    ("psr", "popo"),
+    ("psr", "all-off"),
+    ("psr", "psr-rate"),
+)
 
 
 def _pyplot():
@@ -166,7 +173,7 @@ def confirm_figures(results: dict, metrics: list, prefix: Path, arms: list[str])
             results,
             metrics,
             prefix,
-            [*((arm, "popo") for arm in ABLATIONS), ("psr", "popo"), ("psr", "all-off"), ("psr", "psr-rate")],
+            list(ABLATION_PAIRS),
             "ablations",
             "each ablation minus POPO per seed, PSR (every term off, its own rate) minus POPO, and PSR "
             "minus all-off (the same objective at POPO's rate) and minus psr-rate (POPO's objective at "

@@ -22,7 +22,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.study_arms import ABLATIONS, MODES, SWEEP_RATES, ema_moved, rate_name  # noqa: E402
-from bench.study_figures import METHODS, PAIRS, confirm_figures, sweep_figure  # noqa: E402
+from bench.study_figures import ABLATION_PAIRS, METHODS, PAIRS, confirm_figures, sweep_figure  # noqa: E402
 from bench.study_results import load_results, with_suffix  # noqa: E402
 from bench.study_selection import (  # noqa: E402
     SELECTION_RULE,
@@ -332,12 +332,12 @@ def _ablation_lines(results: dict, metrics: list, popo_rate: float | None) -> li
         lines.append(f"| {arm} ({runs[0]['about']}) | {len(runs)} | " + " | ".join(cells) + " |")
     psr = _trained(results, "psr")  # POPO with every term off, at PSR's own rate
     psr_rate = f", at its own rate {rate_name(psr[0]['learning_rate'])}" if psr else ""
-    pairs = [(arm, runs, "popo", reference) for arm, runs in ablations.items()]
-    pairs += [("psr", psr, "popo", reference)] if psr else []
-    if psr and "all-off" in ablations:  # one objective at two rates: the rate's share of psr - popo
-        pairs.append(("psr", psr, "all-off", ablations["all-off"]))
-    if psr and "psr-rate" in ablations:  # both objectives at PSR's rate: the terms' share there
-        pairs.append(("psr", psr, "psr-rate", ablations["psr-rate"]))
+    named = {"popo": reference, "psr": psr, **ablations}
+    pairs = [  # a pair needs both arms' cells, except POPO's: its rows then read "-"
+        (first, named[first], second, named.get(second, []))
+        for first, second in ABLATION_PAIRS
+        if named.get(first) and (second == "popo" or named.get(second))
+    ]
     lines += [
         "",
         "Paired per seed, the first arm minus the second over the seeds both have; mean [95 % t interval], "
